@@ -1,0 +1,209 @@
+"""Topic names, report payloads and command parsing: every payload shape lives here.
+
+Topics follow ``bike/{id}/{topic}/{sub-topic}`` (see the README's topic table).
+:func:`parse_command` is the one place a control message becomes a command or a
+refusal; it is pure and never raises, so nothing unchecked can reach hardware.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+#: Control payloads larger than this are refused before they are decoded.
+MAX_COMMAND_BYTES = 512
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """What the apps know about a topic: its kind, unit, documented range and safe value."""
+
+    name: str
+    kind: Literal["actuator", "sensor", "event"]
+    unit: str = ""
+    low: float = 0.0
+    high: float = math.inf
+    step: float = 0.0  # 0: any value in range
+    safe: float | None = None  # None: hold still when made safe
+
+
+TOPICS: dict[str, TopicSpec] = {
+    spec.name: spec
+    for spec in (
+        TopicSpec("incline", "actuator", "degree", -10, 19, 0.5, None),
+        TopicSpec("resistance", "actuator", "percentage", 0, 100, 0, 0),
+        TopicSpec("fan", "actuator", "percentage", 0, 100, 0, 0),
+        TopicSpec("speed", "sensor", "m/s"),
+        TopicSpec("cadence", "sensor", "RPM"),
+        TopicSpec("power", "sensor", "W"),
+        TopicSpec("heartrate", "sensor", "BPM"),
+        TopicSpec("button", "event"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The values an actuator accepts: ``low <= v <= high``, on ``step`` from ``low``."""
+
+    low: float
+    high: float
+    step: float = 0.0
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` is not acceptable, or None."""
+        if not self.low <= value <= self.high:
+            return "out of range"
+        if self.step:
+            steps = (value - self.low) / self.step
+            if abs(steps - round(steps)) > 1e-9:
+                return "not on a step"
+        return None
+
+    def as_dict(self) -> dict[str, float]:
+        """The limits as they appear in status payloads."""
+        return {"min": self.low, "max": self.high, "step": self.step}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A parsed, range-checked request to move one actuator."""
+
+    topic: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a control message was not applied; ``topic`` is None when no topic could be named."""
+
+    topic: str | None
+    reason: str
+    allowed: Limits | None = None
+
+    def payload(self, timestamp: float, device_name: str) -> dict[str, Any]:
+        """The JSON object published on the topic's ``status`` sub-topic."""
+        body: dict[str, Any] = {"ok": False, "error": self.reason}
+        if self.allowed is not None:
+            body["allowed"] = self.allowed.as_dict()
+        body["timestamp"] = timestamp
+        body["metadata"] = {"deviceName": device_name}
+        return body
+
+
+def topic_path(bike_id: str, topic: str, sub: str) -> str:
+    """``bike/{id}/{topic}/{sub}``."""
+    return f"bike/{bike_id}/{topic}/{sub}"
+
+
+def availability_topic(bike_id: str) -> str:
+    """The retained topic saying whether the bike's daemon is online."""
+    return f"bike/{bike_id}/status"
+
+
+def control_filter(bike_id: str) -> str:
+    """The one subscription the daemon makes: its own bike's control topics."""
+    return f"bike/{bike_id}/+/control"
+
+
+def report_payload(value: float, unit: str, timestamp: float, device_name: str) -> dict[str, Any]:
+    """The documented report shape (value, unitName, timestamp, metadata.deviceName)."""
+    return {"value": value, "unitName": unit, "timestamp": timestamp,
+            "metadata": {"deviceName": device_name}}
+
+
+def button_payload(button: str, pressed: bool, timestamp: float) -> dict[str, Any]:
+    """The documented button event shape; state 1 is pressed, 0 released."""
+    return {"button": button, "state": 1 if pressed else 0, "timestamp": timestamp}
+
+
+def applied_payload(value: float, timestamp: float, device_name: str) -> dict[str, Any]:
+    """The answer to a request that was applied (MQTT v5 ResponseTopic)."""
+    return {"ok": True, "value": value, "timestamp": timestamp,
+            "metadata": {"deviceName": device_name}}
+
+
+class _Unusable(Exception):
+    """Internal: a payload that is not a command; the message is the refusal reason."""
+
+
+def _reject_constant(name: str) -> float:
+    raise _Unusable(f"{name} is not a number")
+
+
+def _number(value: Any, what: str) -> float:
+    # bool is an int subclass: true is not 1 for an actuator.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Unusable(f"{what} must be a number, not {_json_type(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise _Unusable(f"{what} must be a finite number")
+    return number
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "a boolean", str: "a string", list: "a list", dict: "an object",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _value_from(topic: str, document: Any) -> float:
+    """Pick the value out of any of the command shapes the existing apps send."""
+    if not isinstance(document, dict):
+        return _number(document, "the command")
+    keys = ["value", topic] + (["power", "level"] if topic == "fan" else [])
+    present = [k for k in keys if k in document]
+    if not present:
+        raise _Unusable(f"no value: expected one of the keys {', '.join(keys)}")
+    if len(present) > 1:
+        raise _Unusable(f"ambiguous: several value keys ({', '.join(present)})")
+    key = present[0]
+    number = _number(document[key], f'"{key}"')
+    if key == "level":
+        if number != int(number) or not 0 <= number <= 5:
+            raise _Unusable('"level" must be a whole number from 0 to 5')
+        number *= 20
+    return number
+
+
+def parse_command(
+    topic: str, payload: bytes, bike_id: str, actuators: Mapping[str, Limits]
+) -> Command | Refusal:
+    """Turn one control message into a :class:`Command` or a :class:`Refusal`; never raises.
+
+    ``actuators`` maps each topic this bike can move to its limits.
+    Accepted shapes: ``{"value": v}``, ``{"<topic>": v}``, fan ``{"power": v}`` and
+    ``{"level": 0..5}`` (x20 percent), and a bare number; other keys are ignored.
+    """
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != "bike" or parts[3] != "control":
+        return Refusal(None, "not a control topic")
+    _, target, name, _ = parts
+    if target != bike_id:
+        return Refusal(name or None, f"for bike {target!r}, this is bike {bike_id!r}")
+    spec = TOPICS.get(name)
+    if spec is None:
+        return Refusal(name, "unknown topic")
+    if spec.kind != "actuator":
+        return Refusal(name, f"{name} is a {spec.kind}, it takes no commands")
+    limits = actuators.get(name)
+    if limits is None:
+        return Refusal(name, f"this bike has no {name} actuator")
+    if len(payload) > MAX_COMMAND_BYTES:
+        return Refusal(name, f"payload too large (over {MAX_COMMAND_BYTES} bytes)", limits)
+    try:
+        text = payload.decode("utf-8")
+        document = json.loads(text, parse_constant=_reject_constant)
+        value = _value_from(name, document)
+    except UnicodeDecodeError:
+        return Refusal(name, "payload is not UTF-8 text", limits)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        return Refusal(name, "payload is neither JSON nor a number", limits)
+    except _Unusable as exc:
+        return Refusal(name, str(exc), limits)
+    problem = limits.problem(value)
+    if problem:
+        return Refusal(name, f"{value:g} is {problem}", limits)
+    return Command(name, value)
