@@ -1,0 +1,327 @@
+"""One TOML file per bike -> typed, validated settings.
+
+Every problem names the file, the table, the key, what is wrong and the value found
+(never a secret), and all problems are reported together in one :class:`ConfigError`.
+The old drivers' environment variables (``MQTT_HOSTNAME``, ``MQTT_PORT``,
+``MQTT_USERNAME``, ``MQTT_PASSWORD``, ``DEVICE_ID``) override the file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from smartbiked.errors import ConfigError, ConfigProblem
+from smartbiked.hardware import DRIVERS, Actuator, Option, SerialBoard
+from smartbiked.hardware.base import REQUIRED, at_least, between
+from smartbiked.topics import TOPICS, Limits
+
+DEFAULT_PATH = Path("/etc/smartbiked/smartbike.toml")
+#: The file name looked up in systemd's $CREDENTIALS_DIRECTORY (LoadCredential=).
+DEFAULT_CREDENTIAL = "mqtt-password"
+
+_FORBIDDEN_IN_ID = re.compile(r"[+#/\s]")
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """How to reach the MQTT broker. ``password`` never appears in a repr."""
+
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+    tls: bool
+    ca_file: str
+    certfile: str
+    keyfile: str
+    keepalive: int
+    reconnect_max: float
+    client_id: str
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    """One topic's table: the driver kind serving it and its options, defaults filled in."""
+
+    topic: str
+    kind: str
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Config:
+    """A bike's whole configuration, validated."""
+
+    path: Path
+    bike_id: str
+    device_name: str
+    broker: BrokerSettings
+    offline_safe_after: float
+    serial: Mapping[str, Mapping[str, Any]]
+    drivers: tuple[DriverSettings, ...]
+
+    def actuator_limits(self) -> dict[str, Limits]:
+        """The limits of every actuator this bike has, by topic."""
+        return {
+            d.topic: Limits(d.options["min"], d.options["max"], d.options["step"])
+            for d in self.drivers
+            if issubclass(DRIVERS[d.kind], Actuator)
+        }
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _port_check(v: int) -> str | None:
+    return None if 1 <= v <= 65535 else "must be a port number from 1 to 65535"
+
+
+_BIKE = (
+    Option("id", (str,), REQUIRED, 'the bike id in topics, six digits: "000001"'),
+    Option("id_pattern", (str,), r"[0-9]{6}", "regular expression the id must match"),
+    Option("device_name", (str,), "", "metadata.deviceName in reports (default: host name)"),
+)
+_BROKER = (
+    Option("host", (str,), "localhost", "broker host name or address"),
+    Option("port", (int,), 1883, "broker port", _port_check),
+    Option("username", (str,), "", "account name; empty for an anonymous broker"),
+    Option("password_file", (str,), "", "file holding the password (mode 0600)"),
+    Option("password_credential", (str,), DEFAULT_CREDENTIAL,
+           "file name in $CREDENTIALS_DIRECTORY (systemd LoadCredential=)"),
+    Option("tls", (bool,), False, "connect with TLS"),
+    Option("ca_file", (str,), "", "CA certificates for TLS (default: the system's)"),
+    Option("certfile", (str,), "", "client certificate for TLS, if the broker wants one"),
+    Option("keyfile", (str,), "", "client key for TLS"),
+    Option("keepalive", (int,), 30, "seconds between keep-alive pings", between(5, 3600)),
+    Option("reconnect_max", (float,), 16.0, "longest wait between reconnect tries, seconds",
+           between(1, 60)),
+    Option("client_id", (str,), "", "MQTT client id (default: smartbiked-<bike id>)"),
+)
+_SERVICE = (
+    Option("offline_safe_after", (float,), 60.0,
+           "seconds without the broker before actuators go to their safe values", at_least(0)),
+)
+
+#: Old drivers' variables -> (table, key, type) they override.
+ENV_OVERRIDES = {
+    "MQTT_HOSTNAME": ("broker", "host", str),
+    "MQTT_PORT": ("broker", "port", int),
+    "MQTT_USERNAME": ("broker", "username", str),
+    "DEVICE_ID": ("bike", "id", str),
+}
+
+
+class _Checker:
+    """Collects problems while reading one file, so every one is reported at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = str(path)
+        self.problems: list[ConfigProblem] = []
+
+    def add(self, table: str, key: str, problem: str, found: Any = None,
+            secret: bool = False) -> None:
+        shown = None if secret or found is None else _show(found)
+        self.problems.append(ConfigProblem(self.file, table, key, problem, shown))
+
+    def table(self, name: str, raw: Any, options: tuple[Option, ...] | dict[str, Option],
+              allow: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Validate one table against its options; return the values with defaults filled."""
+        opts = options if isinstance(options, dict) else {o.name: o for o in options}
+        if not isinstance(raw, dict):
+            self.add(name, "", "must be a table", raw)
+            return {}
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in allow:
+                continue
+            opt = opts.get(key)
+            if opt is None:
+                self.add(name, key, f"unknown key; known keys: {', '.join(sorted(opts))}",
+                         value)
+                continue
+            problem = opt.validate(value)
+            if problem:
+                self.add(name, key, problem, value, secret="password" in key)
+            else:
+                out[key] = float(value) if float in opt.kinds and type(value) is int else value
+        for key, opt in opts.items():
+            if key not in raw:
+                if opt.default is REQUIRED:
+                    self.add(name, key, "missing (required)")
+                else:
+                    out[key] = opt.default
+        return out
+
+
+def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate ``path``; raise :class:`ConfigError` listing every problem."""
+    path = Path(path)
+    env = os.environ if environ is None else environ
+    check = _Checker(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        check.add("", "", f"cannot read the file: {exc.strerror or exc}")
+        raise ConfigError(check.problems) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        check.add("", "", f"not valid TOML: {exc}")
+        raise ConfigError(check.problems) from None
+
+    _apply_env(raw, env, check)
+    known = {"bike", "broker", "service", "serial", *TOPICS}
+    for name in raw:
+        if name not in known:
+            check.add(name, "", "unknown table; known tables: bike, broker, service, serial, "
+                      "and one per topic: " + ", ".join(TOPICS))
+
+    raw_bike = raw.get("bike", {})
+    if isinstance(raw_bike, dict) and isinstance(raw_bike.get("id"), int):
+        # An unquoted 000001 is the likeliest mistake: say how to fix it.
+        check.add("bike", "id", 'must be a quoted string such as "000001" '
+                  "(leading zeros matter)", raw_bike.pop("id"))
+        raw_bike["id"] = ""
+    bike = check.table("bike", raw_bike, _BIKE)
+    bike_id = bike.get("id", "")
+    if "id" in bike:
+        if any(p.key == "id" for p in check.problems):
+            pass
+        elif not bike_id or _FORBIDDEN_IN_ID.search(bike_id):
+            check.add("bike", "id", "must be non-empty, without +, #, / or white space", bike_id)
+        elif not _fullmatch(bike.get("id_pattern", ""), bike_id):
+            check.add("bike", "id", f"does not match id_pattern {bike['id_pattern']!r}", bike_id)
+
+    broker = check.table("broker", raw.get("broker", {}), _BROKER)
+    service = check.table("service", raw.get("service", {}), _SERVICE)
+    password = _password(broker, env, check) if broker else ""
+    for key in ("ca_file", "certfile", "keyfile"):
+        if broker.get(key) and not os.access(broker[key], os.R_OK):
+            check.add("broker", key, "file not readable", broker[key])
+
+    serial = _serial_tables(raw.get("serial", {}), check)
+    drivers = tuple(
+        d for name in TOPICS if name in raw
+        if (d := _driver_table(name, raw[name], serial, check)) is not None
+    )
+    if check.problems:
+        raise ConfigError(check.problems)
+    return Config(
+        path=path,
+        bike_id=bike_id,
+        device_name=bike["device_name"] or socket.gethostname(),
+        broker=BrokerSettings(
+            host=broker["host"], port=broker["port"], username=broker["username"],
+            password=password, tls=broker["tls"], ca_file=broker["ca_file"],
+            certfile=broker["certfile"], keyfile=broker["keyfile"],
+            keepalive=broker["keepalive"], reconnect_max=broker["reconnect_max"],
+            client_id=broker["client_id"] or f"smartbiked-{bike_id}",
+        ),
+        offline_safe_after=service["offline_safe_after"],
+        serial=serial,
+        drivers=drivers,
+    )
+
+
+def _fullmatch(pattern: str, text: str) -> bool:
+    try:
+        return re.fullmatch(pattern, text) is not None
+    except re.error:
+        return True  # reported against id_pattern itself below
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str], check: _Checker) -> None:
+    """Let the old drivers' variables override the file, as those bikes expect."""
+    for var, (table, key, kind) in ENV_OVERRIDES.items():
+        if var not in env:
+            continue
+        text = env[var].strip()
+        value: Any = text
+        if kind is int:
+            try:
+                value = int(text)
+            except ValueError:
+                check.add("environment", var, "must be a whole number", text)
+                continue
+        section = raw.setdefault(table, {})
+        if isinstance(section, dict):
+            section[key] = value
+
+
+def _password(broker: dict[str, Any], env: Mapping[str, str], check: _Checker) -> str:
+    """The password from MQTT_PASSWORD, password_file or $CREDENTIALS_DIRECTORY, in that order."""
+    if "MQTT_PASSWORD" in env:
+        return env["MQTT_PASSWORD"]
+    candidates: list[tuple[str, str]] = []
+    if broker["password_file"]:
+        candidates.append(("password_file", broker["password_file"]))
+    elif env.get("CREDENTIALS_DIRECTORY"):
+        cred = Path(env["CREDENTIALS_DIRECTORY"]) / broker["password_credential"]
+        if cred.exists():
+            candidates.append(("password_credential", str(cred)))
+    for key, file in candidates:
+        try:
+            return Path(file).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+            check.add("broker", key, f"cannot read the password file: {reason}", file)
+    return ""
+
+
+def _serial_tables(raw: Any, check: _Checker) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict):
+        check.add("serial", "", "must be a table of boards: [serial.NAME]", raw)
+        return {}
+    return {name: check.table(f"serial.{name}", table, SerialBoard.OPTIONS)
+            for name, table in raw.items()}
+
+
+def _driver_table(topic: str, raw: Any, serial: Mapping[str, Any],
+                  check: _Checker) -> DriverSettings | None:
+    if not isinstance(raw, dict):
+        check.add(topic, "", "must be a table", raw)
+        return None
+    kind = raw.get("driver")
+    cls = DRIVERS.get(kind) if isinstance(kind, str) else None
+    if cls is None or topic not in cls.TOPICS:
+        fitting = sorted(k for k, c in DRIVERS.items() if topic in c.TOPICS)
+        problem = "missing (required)" if kind is None else "not a driver for this topic"
+        check.add(topic, "driver", f"{problem}; choose one of: {', '.join(fitting)}", kind)
+        return None
+    options = check.table(topic, raw, cls.options(), allow=("driver",))
+    if "port" in cls.options() and options.get("port") and options["port"] not in serial:
+        check.add(topic, "port", "no [serial.NAME] table by this name; boards: "
+                  + (", ".join(serial) or "none"), options["port"])
+    if issubclass(cls, Actuator):
+        _actuator_limits(topic, options, check)
+    return DriverSettings(topic, kind, options)
+
+
+def _actuator_limits(topic: str, options: dict[str, Any], check: _Checker) -> None:
+    """Fill min/max/step/safe from the topic's documented values; allow narrowing only."""
+    spec = TOPICS[topic]
+    for key, default in (("min", spec.low), ("max", spec.high), ("step", spec.step)):
+        if options.get(key) is None:
+            options[key] = float(default)
+    if not spec.low <= options["min"] < options["max"] <= spec.high:
+        check.add(topic, "min", f"min and max must satisfy {spec.low:g} <= min < max <= "
+                  f"{spec.high:g}", (options["min"], options["max"]))
+    safe = options.get("safe")
+    if safe is None:
+        options["safe"] = "hold" if spec.safe is None else float(spec.safe)
+    elif isinstance(safe, str):
+        if safe != "hold":
+            check.add(topic, "safe", 'must be a number or "hold"', safe)
+    elif (problem := Limits(options["min"], options["max"], options["step"]).problem(safe)):
+        check.add(topic, "safe", problem, safe)
+    steps = options["step"] / spec.step if spec.step else 1.0
+    if spec.step and (steps < 1 or not math.isclose(steps, round(steps))):
+        check.add(topic, "step", f"must be a multiple of {spec.step:g}", options["step"])

@@ -1,0 +1,240 @@
+"""MQTTClient: the Smartbike's documented client class (shared/reference/MQTT-Client.md).
+
+The documented API is kept exactly::
+
+    client = MQTTClient(broker_address, username, password, port)
+    client.setup_mqtt_client()
+    client.subscribe("example/1")
+    client.publish("example/2", payload)
+    client.loop_start()          # or client.start_loop(), or client.loop_forever()
+
+and subclasses extend ``on_message(client, userdata, msg)``, calling ``super()``.
+Underneath it is paho-mqtt 2.x speaking MQTT v5 at QoS 1 with username/password,
+TLS when asked, automatic reconnects, and subscriptions renewed on every connect
+(paho never resubscribes by itself). An exception raised by a handler is logged and
+never reaches paho, where it would silently stop all message handling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+try:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+except ImportError as exc:  # Debian's python3-paho-mqtt is 1.6, without CallbackAPIVersion
+    raise ImportError(
+        "smartbiked needs paho-mqtt 2.x (pip install 'paho-mqtt>=2,<3'); "
+        "the installed paho-mqtt is older"
+    ) from exc
+from paho.mqtt.properties import Properties
+
+log = logging.getLogger("smartbiked.mqtt")
+
+#: Messages kept for sending while the broker is away; past this paho drops new ones.
+MAX_QUEUED = 1000
+
+
+class _LivenessClient(mqtt.Client):
+    """paho's client, noting the time of every pass of its network loop (for the watchdog)."""
+
+    last_pass: float = 0.0
+
+    def loop_misc(self) -> mqtt.MQTTErrorCode:
+        self.last_pass = time.monotonic()
+        return super().loop_misc()
+
+
+class MQTTClient:
+    """One connection to an MQTT broker, with the small API every Smartbike program uses.
+
+    The keyword-only arguments are extensions beyond the documented four; their
+    defaults give the documented behaviour.
+    """
+
+    def __init__(
+        self,
+        broker_address: str,
+        username: str,
+        password: str,
+        port: int = 1883,
+        *,
+        client_id: str = "",
+        keepalive: int = 30,
+        tls: bool = False,
+        ca_file: str | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        reconnect_max: float = 16.0,
+        will: tuple[str, str] | None = None,
+    ) -> None:
+        self.broker_address = broker_address
+        self.username = username
+        self._password = password  # kept private: never in a repr, log or exception
+        self.port = port
+        self.client_id = client_id
+        self.keepalive = keepalive
+        self.tls = tls
+        self.ca_file = ca_file or None
+        self.certfile = certfile or None
+        self.keyfile = keyfile or None
+        self.reconnect_max = reconnect_max
+        self.will = will
+        self.client: _LivenessClient | None = None
+        self.connected = threading.Event()
+        self._topics: dict[str, int] = {}
+        self._lock = threading.Lock()  # paho's socket writes are not locked across threads
+        self._connect_fails = 0
+
+    def __repr__(self) -> str:
+        return f"<MQTTClient {self.username or 'anonymous'}@{self.broker_address}:{self.port}>"
+
+    # -- the documented API ------------------------------------------------------------
+
+    def setup_mqtt_client(self) -> None:
+        """Create the paho client and start connecting (the loop completes the connection)."""
+        client = _LivenessClient(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
+        )
+        if self.username:
+            client.username_pw_set(self.username, self._password)
+        if self.tls:
+            client.tls_set(ca_certs=self.ca_file, certfile=self.certfile, keyfile=self.keyfile)
+        if self.will:
+            topic, payload = self.will
+            client.will_set(topic, payload, qos=1, retain=True)
+        client.reconnect_delay_set(1, max(1, int(self.reconnect_max)))
+        client.max_queued_messages_set(MAX_QUEUED)
+        client.suppress_exceptions = True  # second belt: our handlers catch everything
+        client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
+        client.connect_async(self.broker_address, self.port, self.keepalive)
+        self.client = client
+
+    def subscribe(self, topic_name: str, qos: int = 1) -> None:
+        """Receive messages on ``topic_name``, now and after every reconnect."""
+        self._topics[topic_name] = qos
+        if self.connected.is_set():
+            self._paho().subscribe(topic_name, qos)
+
+    def publish(
+        self,
+        topic_name: str,
+        payload: Any,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> mqtt.MQTTMessageInfo:
+        """Send ``payload`` to ``topic_name``; safe from any thread.
+
+        Text and bytes go as they are; anything else (dicts, lists, numbers,
+        booleans) is sent as JSON.
+        """
+        if not isinstance(payload, (str, bytes, bytearray)):
+            payload = json.dumps(payload)
+        with self._lock:
+            return self._paho().publish(topic_name, payload, qos, retain, properties)
+
+    def on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Called for each message received; subclasses extend it and call ``super()``."""
+        log.debug("message on %s (%d bytes)", msg.topic, len(msg.payload))
+
+    def on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                   properties: Any) -> None:
+        """Called after each successful connect, once subscriptions are renewed."""
+
+    def on_disconnect(self, reason_code: Any) -> None:
+        """Called when an established connection is lost or closed."""
+
+    def loop_forever(self) -> None:
+        """Run the network loop in this thread until :meth:`disconnect`; reconnects as needed."""
+        self._paho().loop_forever(retry_first_connection=True)
+
+    def loop_start(self) -> None:
+        """Run the network loop in a background thread."""
+        self._paho().loop_start()
+
+    start_loop = loop_start  # the other spelling MQTT-Client.md uses
+
+    def loop_stop(self) -> None:
+        """Stop the background network loop."""
+        self._paho().loop_stop()
+
+    def disconnect(self) -> None:
+        """Close the connection cleanly; makes :meth:`loop_forever` return."""
+        self._paho().disconnect()
+
+    # -- extensions ----------------------------------------------------------------------
+
+    def is_connected(self) -> bool:
+        """True while connected to the broker."""
+        return self.connected.is_set()
+
+    def loop_age(self) -> float:
+        """Seconds since the network loop last showed it is alive."""
+        return time.monotonic() - self._paho().last_pass
+
+    def _paho(self) -> _LivenessClient:
+        if self.client is None:
+            raise RuntimeError("call setup_mqtt_client() first")
+        return self.client
+
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                        reason_code: Any, properties: Any) -> None:
+        self._paho().last_pass = time.monotonic()
+        try:
+            if reason_code.is_failure:
+                # A refused login or certificate shows up as endless reconnects: say why.
+                log.error("broker %s:%s refused the connection: %s",
+                          self.broker_address, self.port, reason_code)
+                return
+            self._connect_fails = 0
+            for topic, qos in self._topics.items():
+                client.subscribe(topic, qos)
+            self.connected.set()
+            log.info("connected to %s:%s", self.broker_address, self.port)
+            self.on_connect(client, userdata, flags, reason_code, properties)
+        except Exception:
+            log.exception("error in on_connect")
+
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._paho().last_pass = time.monotonic()
+        self._connect_fails += 1
+        # Log the first failure and then every tenth, so a long outage does not flood.
+        if self._connect_fails == 1 or self._connect_fails % 10 == 0:
+            log.warning("cannot reach broker %s:%s (attempt %d), retrying",
+                        self.broker_address, self.port, self._connect_fails)
+
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                           reason_code: Any, properties: Any) -> None:
+        self._paho().last_pass = time.monotonic()
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        try:
+            if was_connected:
+                # Our own disconnect() is routine; anything else is worth a warning.
+                level = logging.INFO if reason_code == 0 else logging.WARNING
+                log.log(level, "disconnected from broker: %s", reason_code)
+                self.on_disconnect(reason_code)
+        except Exception:
+            log.exception("error in on_disconnect")
+
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                          reason_codes: Any, properties: Any) -> None:
+        for code in reason_codes:
+            if code.is_failure:
+                log.error("subscription refused by the broker: %s", code)
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any,
+                        msg: mqtt.MQTTMessage) -> None:
+        try:
+            self.on_message(client, userdata, msg)
+        except Exception:
+            log.exception("error handling a message on %s", msg.topic)

@@ -1,0 +1,166 @@
+"""MQTTClient runs the examples of MQTT-Client.md against a real broker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from smartbiked.mqtt_client import MQTTClient
+from tests.conftest import Broker, wait_until
+
+USER, PASSWORD = "ExampleUsername", "Ex@mpLeP@Ssw0rd"
+
+
+@pytest.fixture
+def auth_broker(make_broker) -> Broker:
+    return make_broker(users={USER: PASSWORD})
+
+
+def test_documented_example_connects_subscribes_publishes_and_receives(auth_broker):
+    # --- MQTT-Client.md, "MQTT Client" and "on_message" examples; import line adapted ---
+    class Device:
+        def __init__(self):
+            self.device_topic = "example/1"
+            self.received = []
+            self.got = threading.Event()
+
+        def on_message(self, msg):
+            if self.device_topic != msg.topic:
+                return
+            decoded_payload = str(msg.payload, "utf-8")
+            dict_payload = json.loads(decoded_payload)
+            self.received.append(dict_payload)
+            self.got.set()
+
+    class MyChildClient(MQTTClient):
+        def __init__(self, broker_address, username, password, device):
+            super().__init__(broker_address, username, password)
+            self.device = device
+
+        def on_message(self, client, userdata, msg):
+            super().on_message(client, userdata, msg)
+            self.device.on_message(msg)
+
+    broker_address = auth_broker.host
+    username = USER
+    password = PASSWORD
+    device = Device()
+    client = MyChildClient(broker_address, username, password, device)
+    # The document's subclass drops the port argument (default 1883); tests never use
+    # that port, so point it at the test broker. This is the only other adaptation.
+    client.port = auth_broker.port
+    client.setup_mqtt_client()
+    client.subscribe("example/1")
+
+    def my_event():
+        payload = json.dumps({"incline": 19, "ts": 1722834170.603658})
+        client.publish("example/1", payload)
+
+    client.start_loop()  # the spelling the document's prose uses
+    try:
+        assert client.connected.wait(10)
+        my_event()
+        assert device.got.wait(10), "subclassed on_message never saw the message"
+        assert device.received == [{"incline": 19, "ts": 1722834170.603658}]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_publish_accepts_any_payload_as_documented(broker, probe):
+    client = MQTTClient(broker.host, "", "", broker.port)
+    client.setup_mqtt_client()
+    client.loop_start()
+    try:
+        assert client.connected.wait(10)
+        for payload in ["Hello World!", [True, False], -10, {"incline": 19}]:
+            client.publish("bike/example/2", payload).wait_for_publish(5)
+        wait_until(lambda: len([m for m in probe.messages if m.topic == "bike/example/2"]) == 4,
+                   10, "four messages")
+        seen = [m.payload for m in probe.messages if m.topic == "bike/example/2"]
+        assert seen == [b"Hello World!", b"[true, false]", b"-10", b'{"incline": 19}']
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_wrong_password_is_refused_and_never_logged(auth_broker, caplog):
+    client = MQTTClient(auth_broker.host, USER, "wrong-secret-123", auth_broker.port)
+    client.setup_mqtt_client()
+    client.loop_start()
+    try:
+        wait_until(lambda: "refused the connection" in caplog.text, 10, "a refusal log")
+        assert not client.is_connected()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert "wrong-secret-123" not in caplog.text
+    assert "wrong-secret-123" not in repr(client)
+
+
+def test_resubscribes_and_receives_after_the_broker_restarts(make_broker):
+    broker = make_broker()
+    got = []
+
+    class Client(MQTTClient):
+        def on_message(self, client, userdata, msg):
+            super().on_message(client, userdata, msg)
+            got.append(msg.payload)
+
+    client = Client(broker.host, "", "", broker.port, reconnect_max=1)
+    client.setup_mqtt_client()
+    client.subscribe("bike/000001/fan/control")
+    client.loop_start()
+    try:
+        assert client.connected.wait(10)
+        broker.stop()
+        wait_until(lambda: not client.is_connected(), 10, "the disconnect")
+        broker.start()  # same port, fresh broker: no session survives
+        assert client.connected.wait(15)
+        wait_until(lambda: _publish_and_check(broker, got), 10, "message after reconnect")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _publish_and_check(broker: Broker, got: list) -> bool:
+    if got:
+        return True
+    sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    sender.connect(broker.host, broker.port)
+    sender.loop_start()
+    sender.publish("bike/000001/fan/control", b"50", qos=1).wait_for_publish(5)
+    sender.disconnect()
+    sender.loop_stop()
+    deadline = time.monotonic() + 1
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(got)
+
+
+def test_exception_in_on_message_does_not_stop_message_handling(broker):
+    got = []
+
+    class Fragile(MQTTClient):
+        def on_message(self, client, userdata, msg):
+            if msg.payload == b"boom":
+                raise RuntimeError("handler bug")
+            got.append(msg.payload)
+
+    client = Fragile(broker.host, "", "", broker.port)
+    client.setup_mqtt_client()
+    client.subscribe("t")
+    client.loop_start()
+    try:
+        assert client.connected.wait(10)
+        wait_until(lambda: client.publish("t", "boom") and client.publish("t", "ok")
+                   and got, 10, "a message after the failing one")
+        assert got[0] == b"ok"
+        assert client.client.is_connected()
+    finally:
+        client.disconnect()
+        client.loop_stop()
