@@ -300,6 +300,9 @@ def _driver_table(topic: str, raw: Any, serial: Mapping[str, Any],
     if "port" in cls.options() and options.get("port") and options["port"] not in serial:
         check.add(topic, "port", "no [serial.NAME] table by this name; boards: "
                   + (", ".join(serial) or "none"), options["port"])
+    if not any(p.table == topic for p in check.problems):
+        for key, problem in cls.check_settings(options):
+            check.add(topic, key, problem, options.get(key))
     if issubclass(cls, Actuator):
         _actuator_limits(topic, options, check)
     return DriverSettings(topic, kind, options)

@@ -10,10 +10,13 @@ Subclasses **must**:
 - extend ``OPTIONS`` with the config keys they read (each an :class:`Option`);
 - open their pins or ports in ``__init__`` through the :class:`Hardware` they are given,
   never through a global, so tests and the simulator can swap the hardware;
+- guard state shared with pin callbacks: on a Pi those run on lgpio's thread (everything
+  else runs on the one hardware thread and needs no lock);
 - implement :meth:`Sensor.read`, :meth:`EventSource.start` or :meth:`Actuator.apply`.
 
-Subclasses **may** override :meth:`Driver.close` (release pins and ports) and
-:meth:`Driver.poll` (housekeeping run on every scheduler tick).
+Subclasses **may** override :meth:`Driver.close` (release pins and ports),
+:meth:`Driver.poll` (housekeeping run on every scheduler tick) and
+:meth:`Driver.check_settings` (checks between keys).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, ClassVar
 
 import serial
 
-from smartbiked.topics import Limits
+from smartbiked.topics import TOPICS, Limits
 
 
 class _Required:
@@ -123,6 +126,15 @@ class Driver:
                 merged[opt.name] = opt
         return merged
 
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Problems between keys, as (key, problem) pairs; each key alone is already valid.
+
+        May be overridden; called by the config loader, so a bad combination is a
+        config error, not a driver that fails to start.
+        """
+        return []
+
     def poll(self) -> None:
         """Housekeeping on every scheduler tick (drain a port, reconnect); default: nothing."""
 
@@ -178,6 +190,15 @@ class Actuator(Driver):
         safe = settings["safe"]
         #: None means "hold still" (the incline's default: never move a bike under a rider).
         self.safe_value: float | None = None if safe == "hold" else safe
+
+    def fraction(self, value: float) -> float:
+        """Where ``value`` lies in the topic's documented range, 0..1.
+
+        Output scaling uses the documented range, not the configured one: narrowing
+        ``max`` to 80 caps a fan at 80 %, it does not make 80 mean full speed.
+        """
+        spec = TOPICS[self.topic]
+        return min(1.0, max(0.0, (value - spec.low) / (spec.high - spec.low)))
 
     def apply(self, value: float) -> float:
         """Move the hardware to ``value`` (already range-checked); return the value reached.

@@ -1,0 +1,172 @@
+"""parse_command: every command shape the apps send, every refusal, and that it never raises."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smartbiked.topics import (
+    MAX_COMMAND_BYTES,
+    TOPICS,
+    Command,
+    Limits,
+    Refusal,
+    button_payload,
+    parse_command,
+    report_payload,
+)
+
+BIKE = "000001"
+LIMITS = {
+    "incline": Limits(-10, 19, 0.5),
+    "resistance": Limits(0, 100),
+    "fan": Limits(0, 100),
+}
+
+
+def parse(topic: str, payload: bytes | str) -> Command | Refusal:
+    raw = payload.encode() if isinstance(payload, str) else payload
+    return parse_command(f"bike/{BIKE}/{topic}/control", raw, BIKE, LIMITS)
+
+
+@pytest.mark.parametrize(("topic", "payload", "value"), [
+    ("fan", '{"value": 5.5}', 5.5),                       # canonical
+    ("incline", '{"incline": 5.5}', 5.5),                 # keyed by topic (VR game)
+    ("resistance", '{"resistance": 40}', 40),
+    ("fan", '{"power": 60}', 60),                         # fan power key
+    ("fan", '{"level": 3}', 60),                          # fan level x 20
+    ("fan", '{"level": 0}', 0),
+    ("incline", "-10", -10),                              # bare number, text/plain
+    ("resistance", " 100\n", 100),
+    ("incline", '{"incline": 19, "timestamp": 1722834170.6}', 19),  # extra keys ignored
+    ("incline", '{"value": -9.5, "ts": "now", "who": [1]}', -9.5),
+])
+def test_every_legacy_command_shape_is_accepted(topic, payload, value):
+    assert parse(topic, payload) == Command(topic, value)
+
+
+@pytest.mark.parametrize(("topic", "payload", "reason"), [
+    ("fan", b"\xff\xfe", "not UTF-8"),
+    ("fan", "fast please", "neither JSON nor a number"),
+    ("fan", "true", "not a boolean"),
+    ("fan", '{"value": true}', "not a boolean"),
+    ("fan", '{"value": "50"}', "not a string"),
+    ("fan", '"50"', "not a string"),
+    ("fan", "null", "not null"),
+    ("fan", "[50]", "not a list"),
+    ("fan", '{"value": null}', "not null"),
+    ("fan", "NaN", "NaN is not a number"),
+    ("fan", '{"value": Infinity}', "Infinity is not a number"),
+    ("fan", "-Infinity", "is not a number"),
+    ("fan", "1e400", "finite"),
+    ("fan", "101", "out of range"),
+    ("fan", "-0.5", "out of range"),
+    ("incline", "19.5", "out of range"),
+    ("incline", "5.25", "not on a step"),
+    ("fan", '{"level": 6}', "0 to 5"),
+    ("fan", '{"level": 2.5}', "0 to 5"),
+    ("fan", '{"speed": 50}', "no value"),
+    ("fan", '{"value": 10, "power": 20}', "ambiguous"),
+    ("resistance", '{"power": 60}', "no value"),       # power/level are fan-only
+    ("fan", "[" * 100000, "too large"),
+    ("fan", "[" * 200 + "]" * 200, "not a list"),
+    ("gear", "3", "unknown topic"),
+    ("speed", "3", "speed is a sensor"),
+    ("button", "1", "takes no commands"),
+])
+def test_bad_commands_are_refused_with_a_reason(topic, payload, reason):
+    result = parse(topic, payload)
+    assert isinstance(result, Refusal), result
+    assert reason in result.reason
+    if topic in LIMITS:
+        assert result.allowed == LIMITS[topic]  # the refusal tells the app what is allowed
+
+
+def test_nested_json_deeper_than_the_recursion_limit_is_refused_not_raised():
+    deep = ("[" * 50000).encode()
+    result = parse_command(f"bike/{BIKE}/fan/control", deep[:MAX_COMMAND_BYTES], BIKE, LIMITS)
+    assert isinstance(result, Refusal)
+
+
+def test_oversized_payload_is_refused_before_decoding():
+    payload = b"5" + b" " * MAX_COMMAND_BYTES  # valid JSON, but too big
+    result = parse_command(f"bike/{BIKE}/fan/control", payload, BIKE, LIMITS)
+    assert isinstance(result, Refusal) and "too large" in result.reason
+
+
+@pytest.mark.parametrize("topic", [
+    "bike/000002/fan/control", "bike/000001/fan/report", "bike/000001/fan",
+    "bike/000001/fan/control/x", "smartbike/000001/fan/control", "",
+])
+def test_other_bikes_and_malformed_topics_are_refused(topic):
+    assert isinstance(parse_command(topic, b"50", BIKE, LIMITS), Refusal)
+
+
+def test_actuator_not_fitted_on_this_bike_is_refused():
+    result = parse_command(f"bike/{BIKE}/incline/control", b"5", BIKE, {"fan": Limits(0, 100)})
+    assert isinstance(result, Refusal) and "no incline actuator" in result.reason
+
+
+def test_documented_payload_shapes():
+    assert report_payload(6.0, "RPM", 1722834169.6, "bike000001") == {
+        "value": 6.0, "unitName": "RPM", "timestamp": 1722834169.6,
+        "metadata": {"deviceName": "bike000001"}}
+    assert button_payload("LEFT", True, 1.5) == {"button": "LEFT", "state": 1, "timestamp": 1.5}
+    assert button_payload("BRAKE", False, 2.0)["state"] == 0
+    assert [TOPICS[t].unit for t in ("incline", "fan", "speed", "cadence", "power",
+                                     "heartrate")] == ["degree", "percentage", "m/s", "RPM",
+                                                       "W", "BPM"]
+
+
+def test_refusal_payload_carries_reason_and_range():
+    refusal = parse("incline", "25")
+    body = refusal.payload(10.0, "bike000001")
+    assert body["ok"] is False and "out of range" in body["error"]
+    assert body["allowed"] == {"min": -10, "max": 19, "step": 0.5}
+
+
+# -- property-based: whatever arrives, parse_command answers and never lets a bad value by ---
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["value", "fan", "incline", "resistance", "power",
+                                       "level", "timestamp", "x"]) | st.text(max_size=8),
+                      children, max_size=4),
+    max_leaves=12,
+)
+topics = st.sampled_from([f"bike/{BIKE}/{t}/control" for t in TOPICS] + [
+    "bike/000002/fan/control", f"bike/{BIKE}/gear/control", "bike/+/fan/control", "#"]) \
+    | st.text(max_size=40)
+
+
+def _check(result: Command | Refusal) -> None:
+    assert isinstance(result, (Command, Refusal))
+    if isinstance(result, Command):
+        limits = LIMITS[result.topic]
+        assert isinstance(result.value, float) and math.isfinite(result.value)
+        assert limits.low <= result.value <= limits.high
+        assert limits.problem(result.value) is None
+    else:
+        assert result.reason
+
+
+@settings(max_examples=600, deadline=None)
+@given(topics, st.binary(max_size=700))
+def test_arbitrary_bytes_never_raise_and_accepted_values_are_in_range(topic, payload):
+    _check(parse_command(topic, payload, BIKE, LIMITS))
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(sorted(LIMITS)), json_values)
+def test_arbitrary_json_never_raises_and_accepted_values_are_in_range(name, value):
+    try:
+        payload = json.dumps(value).encode()
+    except ValueError:
+        return
+    _check(parse_command(f"bike/{BIKE}/{name}/control", payload, BIKE, LIMITS))
