@@ -77,6 +77,11 @@ class Config:
         }
 
 
+def _looks_secret(key: str) -> bool:
+    """Keys whose values are never echoed back, even when misspelt or misplaced."""
+    return re.search(r"pass|secret|token|credential", key, re.IGNORECASE) is not None
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -147,11 +152,11 @@ class _Checker:
             opt = opts.get(key)
             if opt is None:
                 self.add(name, key, f"unknown key; known keys: {', '.join(sorted(opts))}",
-                         value)
+                         value, secret=_looks_secret(key))
                 continue
             problem = opt.validate(value)
             if problem:
-                self.add(name, key, problem, value, secret="password" in key)
+                self.add(name, key, problem, value, secret=_looks_secret(key))
             else:
                 out[key] = float(value) if float in opt.kinds and type(value) is int else value
         for key, opt in opts.items():

@@ -111,9 +111,17 @@ class Service:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def run(self) -> int:
-        """Start everything and serve until SIGTERM/SIGINT; return the exit status."""
+    def run(self, install_signals: bool = True) -> int:
+        """Start everything and serve until SIGTERM/SIGINT; return the exit status.
+
+        ``install_signals=False`` lets a test run the service on another thread and
+        stop it with :meth:`shutdown`.
+        """
         cfg = self.config
+        if install_signals:
+            # The handler only queues: paho is not reentrant, so the work happens on a thread.
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, lambda n, _frame: self._signals.put(n))
         notify("STATUS=opening hardware")
         self.client.setup_mqtt_client()
         self.client.subscribe(control_filter(cfg.bike_id))
@@ -124,8 +132,6 @@ class Service:
         notify("READY=1", f"STATUS=connecting to {cfg.broker.host}:{cfg.broker.port}")
         for target, name in ((self._handle_signals, "signals"), (self._watchdog, "watchdog")):
             threading.Thread(target=target, name=name, daemon=True).start()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, lambda n, _frame: self._signals.put(n))
         try:
             self.client.loop_forever()
         except Exception:

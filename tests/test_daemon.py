@@ -1,0 +1,208 @@
+"""smartbiked end to end: a real subprocess, a real broker, a fake systemd notify socket."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from smartbiked.errors import EX_CONFIG
+from smartbiked.fakeboard import FakeBoard
+from tests.conftest import bike_config, wait_until
+
+FAN = """
+[fan]
+driver = "gpio_pwm"
+pin = 12
+"""
+
+
+def heartrate(board_path) -> str:
+    return f"""
+[serial.arduino]
+url = "{board_path}"
+format = "number"
+
+[heartrate]
+driver = "serial_sensor"
+port = "arduino"
+scale = 0.5
+interval = 0.2
+"""
+
+
+def send(broker, topic, payload, retain=False, properties=None):
+    """Publish as an app would, from a short-lived connection of its own."""
+    app = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    app.connect(broker.host, broker.port)
+    app.loop_start()
+    try:
+        app.publish(topic, payload, qos=1, retain=retain,
+                    properties=properties).wait_for_publish(5)
+    finally:
+        app.disconnect()
+        app.loop_stop()
+
+
+@pytest.fixture
+def board(tmp_path):
+    with FakeBoard(tmp_path) as b:
+        yield b
+
+
+def test_ready_reports_commands_refusals_and_clean_stop(broker, probe, run_daemon, board):
+    daemon = run_daemon(bike_config(broker, FAN + heartrate(board.path)))
+    daemon.notify.wait_for("READY=1")
+    probe.wait_for("bike/000001/status", lambda m: m.payload == b"online")
+
+    # A sensor reading crosses serial -> driver -> scheduler -> MQTT, scaled.
+    board.send_line("144")
+    report = probe.json("bike/000001/heartrate/report", lambda d: d["value"] == 72.0)
+    assert report["unitName"] == "BPM" and report["metadata"] == {"deviceName": "testbike"}
+    assert abs(report["timestamp"] - time.time()) < 30
+
+    # A legacy command shape moves the fan and the new value is reported.
+    mark = len(probe.messages)
+    send(broker, "bike/000001/fan/control", '{"level": 3}')
+    fan = probe.json("bike/000001/fan/report", after=mark)
+    assert fan["value"] == 60.0 and fan["unitName"] == "percentage"
+
+    # A bad command is refused on the status sub-topic and moves nothing.
+    mark = len(probe.messages)
+    send(broker, "bike/000001/fan/control", '{"value": 150}')
+    refusal = probe.json("bike/000001/fan/status", after=mark)
+    assert refusal["ok"] is False and "out of range" in refusal["error"]
+    assert refusal["allowed"] == {"min": 0.0, "max": 100.0, "step": 0.0}
+    assert not [m for m in probe.messages[mark:] if m.topic == "bike/000001/fan/report"]
+
+    # SIGTERM: STOPPING, fan to its safe value (reported), offline retained, exit 0.
+    mark = len(probe.messages)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+    daemon.notify.wait_for("STOPPING=1")
+    assert probe.json("bike/000001/fan/report", after=mark)["value"] == 0.0
+    offline = probe.wait_for("bike/000001/status", lambda m: m.payload == b"offline", after=mark)
+    assert offline.payload == b"offline"
+
+
+def test_availability_is_retained_and_a_crash_says_lost(broker, probe, run_daemon):
+    daemon = run_daemon(bike_config(broker, FAN))
+    probe.wait_for("bike/000001/status", lambda m: m.payload == b"online")
+    mark = len(probe.messages)
+    daemon.signal(signal.SIGKILL)  # no goodbye: the broker publishes the Last Will
+    lost = probe.wait_for("bike/000001/status", lambda m: m.payload == b"lost", after=mark,
+                          timeout=20)
+    assert lost.payload == b"lost"
+
+
+def test_only_own_control_topics_and_no_retained_commands(broker, probe, run_daemon):
+    # A retained command left on the broker must not move the fan at boot.
+    send(broker, "bike/000001/fan/control", "80", retain=True)
+    daemon = run_daemon(bike_config(broker, FAN))
+    daemon.notify.wait_for("READY=1")
+    probe.wait_for("bike/000001/status", lambda m: m.payload == b"online")
+    mark = len(probe.messages)
+    send(broker, "bike/000002/fan/control", "70")          # another bike's command
+    send(broker, "bike/000001/fan/control", "30")          # ours, sent after
+    probe.json("bike/000001/fan/report", lambda d: d["value"] == 30.0, after=mark)
+    values = [json.loads(m.payload)["value"] for m in probe.messages
+              if m.topic == "bike/000001/fan/report"]
+    assert 80.0 not in values and 70.0 not in values
+    assert "ignoring a retained command on bike/000001/fan/control" in daemon.output()
+    assert not [m for m in probe.messages if m.topic == "bike/000002/fan/status"]
+
+
+def test_v5_request_gets_its_correlated_answer(broker, probe, run_daemon):
+    daemon = run_daemon(bike_config(broker, FAN))
+    daemon.notify.wait_for("READY=1")
+    probe.wait_for("bike/000001/status", lambda m: m.payload == b"online")
+    for payload, corr in ((b"45", b"req-1"), (b"450", b"req-2")):
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "bike/app/replies"
+        props.CorrelationData = corr
+        send(broker, "bike/000001/fan/control", payload, properties=props)
+    ok = probe.wait_for("bike/app/replies",
+                        lambda m: getattr(m.properties, "CorrelationData", None) == b"req-1")
+    assert json.loads(ok.payload)["ok"] is True and json.loads(ok.payload)["value"] == 45.0
+    bad = probe.wait_for("bike/app/replies",
+                         lambda m: getattr(m.properties, "CorrelationData", None) == b"req-2")
+    assert json.loads(bad.payload)["ok"] is False
+    assert "out of range" in json.loads(bad.payload)["error"]
+
+
+def test_watchdog_pings_while_both_loops_live(broker, run_daemon):
+    daemon = run_daemon(bike_config(broker, FAN), WATCHDOG_USEC="200000")
+    first = daemon.notify.wait_for("WATCHDOG=1")
+    daemon.notify.wait_for("WATCHDOG=1", after=first + 1)  # keeps pinging
+
+
+def test_ready_without_broker_and_prompt_stop(run_daemon):
+    daemon = run_daemon(bike_config(None, FAN))  # nothing listens on that port
+    daemon.notify.wait_for("READY=1")
+    daemon.notify.wait_for("STATUS=connecting to 127.0.0.1*")
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+    assert time.monotonic() - started < 6
+    daemon.notify.wait_for("STOPPING=1")
+
+
+def test_reconnects_after_the_broker_restarts(broker, probe, run_daemon):
+    daemon = run_daemon(bike_config(broker, FAN))
+    first = daemon.notify.wait_for("STATUS=connected to*")
+    broker.stop()
+    daemon.notify.wait_for("STATUS=reconnecting to*", after=first)
+    broker.start()
+    daemon.notify.wait_for("STATUS=connected to*", after=first + 1, timeout=20)
+
+
+def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
+        broker, probe, run_daemon):
+    daemon = run_daemon(bike_config(broker, FAN))
+    daemon.notify.wait_for("READY=1")
+    probe.wait_for("bike/000001/status", lambda m: m.payload == b"online")
+
+    # Narrow the fan: 80 becomes a refusal after the reload.
+    daemon.config.write_text(bike_config(broker, FAN + "max = 50\n"))
+    mark = daemon.notify.wait_for("READY=1")
+    daemon.signal(signal.SIGHUP)
+    reloaded = daemon.notify.wait_for("STATUS=configuration reloaded", after=mark)
+    m = len(probe.messages)
+    send(broker, "bike/000001/fan/control", "80")
+    assert "out of range" in probe.json("bike/000001/fan/status", after=m)["error"]
+
+    # A broken file is refused; the running config (max 50) stays.
+    daemon.config.write_text("[bike]\nid = 1\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.notify.wait_for("STATUS=reload refused: configuration invalid", after=reloaded)
+    m = len(probe.messages)
+    send(broker, "bike/000001/fan/control", "40")
+    assert probe.json("bike/000001/fan/report", after=m)["value"] == 40.0
+    assert 'must be a quoted string such as "000001"' in daemon.output()
+    assert daemon.proc.poll() is None
+
+
+def test_bad_config_exits_78_and_says_not_ready(run_daemon):
+    daemon = run_daemon("[bike]\nid = \"000001\"\n[broker]\nport = -1\n")
+    assert daemon.wait(20) == EX_CONFIG
+    assert "READY=1" not in daemon.notify.lines
+    assert "[broker] port: must be a port number from 1 to 65535 (found -1)" in daemon.output()
+
+
+def test_password_never_appears_in_logs(make_broker, run_daemon, tmp_path):
+    broker = make_broker(users={"bike1": "right-secret"})
+    pw = tmp_path / "pw"
+    pw.write_text("wrong-secret-42\n")
+    text = bike_config(broker, FAN).replace(
+        "keepalive = 5", f'keepalive = 5\nusername = "bike1"\npassword_file = "{pw}"')
+    daemon = run_daemon(text, "--log-level", "DEBUG")
+    daemon.notify.wait_for("READY=1")
+    wait_until(lambda: "refused the connection" in daemon.output(), 10, "the refusal logged")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+    assert "wrong-secret-42" not in daemon.output()
