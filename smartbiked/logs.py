@@ -54,15 +54,19 @@ def journal_handler(sender: Callable[..., Any] | None = None) -> logging.Handler
     return JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER, sender_function=sender or send)
 
 
-def setup(bike_id: str = "", level: int = logging.INFO,
-          use_journal: bool | None = None) -> logging.Handler:
-    """Route smartbiked's logs; returns the handler installed on the root logger."""
+def setup(bike_id: str = "", level: int = logging.INFO, use_journal: bool | None = None,
+          journal_sender: Callable[..., Any] | None = None) -> logging.Handler:
+    """Route smartbiked's logs; returns the handler installed on the root logger.
+
+    ``use_journal`` None decides by :func:`stderr_is_journal`; ``journal_sender``
+    replaces journal.send (tests).
+    """
     if use_journal is None:
         use_journal = stderr_is_journal()
     handler: logging.Handler | None = None
     if use_journal:
         try:
-            handler = journal_handler()
+            handler = journal_handler(journal_sender)
         except ImportError:
             handler = None
     if handler is None:

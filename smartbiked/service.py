@@ -280,6 +280,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="the bike's TOML file (default: %(default)s)")
     parser.add_argument("--check-config", action="store_true",
                         help="validate the config file and exit (78 if invalid)")
+    parser.add_argument("--simulate", action="store_true",
+                        help="drive a virtual bike: mock pins and fake serial boards, "
+                        "same config and MQTT behaviour")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="with --simulate: make the virtual rider repeatable")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -302,4 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({', '.join(d.topic for d in cfg.drivers) or 'none'})")
         return 0
     logs.set_bike_id(handler, cfg.bike_id)
+    if args.simulate:
+        # Only where pins and ports come from changes; the service cannot tell.
+        from smartbiked.simulator import VirtualBike
+
+        with VirtualBike(cfg, seed=args.seed) as virtual:
+            return Service(cfg, virtual.hardware, handler).run()
     return Service(cfg, Hardware(), handler).run()

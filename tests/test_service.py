@@ -1,0 +1,146 @@
+"""The service in-process, over gpiozero's MockFactory: buttons, PWM, safety, isolation."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from gpiozero.pins.mock import MockFactory, MockPWMPin
+
+from smartbiked import config as configuration
+from smartbiked import logs
+from smartbiked.hardware import Hardware
+from smartbiked.service import Service
+from tests.conftest import bike_config, wait_until
+from tests.test_daemon import send
+
+BUTTONS_AND_FAN = """
+[service]
+offline_safe_after = 0.5
+
+[button]
+driver = "gpio_buttons"
+pins = { LEFT = "BOARD11", RIGHT = "BOARD12", BRAKE = "BOARD15" }
+
+[fan]
+driver = "gpio_pwm"
+pin = "GPIO12"
+"""
+
+
+@pytest.fixture
+def factory() -> Iterator[MockFactory]:
+    f = MockFactory(revision="a02082", pin_class=MockPWMPin)
+    yield f
+    f.reset()
+
+
+@pytest.fixture
+def serve(tmp_path, factory):
+    """Run a Service on a thread; stop it with service.shutdown() at teardown."""
+    running: list[tuple[Service, threading.Thread]] = []
+
+    def start(text: str) -> Service:
+        path = tmp_path / "bike.toml"
+        path.write_text(text)
+        service = Service(configuration.load(path, environ={}), Hardware(pin_factory=factory))
+        result: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: result.setdefault("rc", service.run(False)))
+        thread.start()
+        wait_until(lambda: service.client.is_connected() or not thread.is_alive(), 10,
+                   "the service to connect")
+        running.append((service, thread))
+        return service
+
+    yield start
+    for service, thread in running:
+        if thread.is_alive():
+            service.shutdown()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def test_button_presses_and_releases_are_published_as_they_happen(broker, probe, serve,
+                                                                   factory):
+    serve(bike_config(broker, BUTTONS_AND_FAN))
+    left, brake = factory.pin(17), factory.pin(22)  # BOARD11, BOARD15 on the J8 header
+    left.drive_low()
+    pressed = probe.json("bike/000001/button/report", lambda d: d["state"] == 1)
+    assert pressed["button"] == "LEFT" and isinstance(pressed["timestamp"], float)
+    left.drive_high()
+    brake.drive_low()
+    brake.drive_high()
+    wait_until(lambda: len([m for m in probe.messages
+                            if m.topic == "bike/000001/button/report"]) == 4, 10, "4 events")
+    events = [probe.json("bike/000001/button/report", after=i) for i, m in
+              enumerate(probe.messages) if m.topic == "bike/000001/button/report"]
+    assert [(e["button"], e["state"]) for e in events] == [
+        ("LEFT", 1), ("LEFT", 0), ("BRAKE", 1), ("BRAKE", 0)]
+
+
+def test_fan_pin_follows_commands_and_is_safe_after_stop(broker, probe, serve, factory):
+    service = serve(bike_config(broker, BUTTONS_AND_FAN))
+    fan = factory.pin(12)
+    send(broker, "bike/000001/fan/control", '{"power": 75}')
+    probe.json("bike/000001/fan/report", lambda d: d["value"] == 75.0)
+    assert fan.state == pytest.approx(0.75)
+    service.shutdown()
+    wait_until(lambda: fan.state == 0, 10, "the fan to stop")
+
+
+def test_actuators_go_safe_when_the_broker_is_gone_too_long(broker, probe, serve, factory,
+                                                          caplog):
+    serve(bike_config(broker, BUTTONS_AND_FAN))
+    send(broker, "bike/000001/fan/control", "90")
+    probe.json("bike/000001/fan/report", lambda d: d["value"] == 90.0)
+    assert factory.pin(12).state == pytest.approx(0.9)
+    broker.stop()
+    wait_until(lambda: factory.pin(12).state == 0, 10, "the fan to go safe")
+    assert "broker unreachable" in caplog.text
+
+
+def test_a_driver_that_fails_to_start_does_not_stop_the_others(broker, probe, serve, factory):
+    # GPIO40 is a valid name but not on this Pi's header: the fan cannot open.
+    text = bike_config(broker, BUTTONS_AND_FAN.replace('pin = "GPIO12"', 'pin = "GPIO40"'))
+    service = serve(text)
+    assert "fan" in service.bike.failed and "button" in service.bike.drivers
+    send(broker, "bike/000001/fan/control", "50")
+    refusal = probe.json("bike/000001/fan/status")
+    assert refusal["ok"] is False and "did not start" in refusal["error"]
+    factory.pin(22).drive_low()
+    assert probe.json("bike/000001/button/report")["button"] == "BRAKE"
+
+
+def test_journal_records_carry_bike_topic_and_driver_fields(caplog):
+    sent: list[dict[str, Any]] = []
+    handler = logs.setup("000042", use_journal=True,
+                         journal_sender=lambda *args, **fields: sent.append(
+                             {"MESSAGE": args[0], **fields}))
+    try:
+        logging.getLogger("smartbiked.bike").warning(
+            "fan: stalled", extra={"TOPIC": "fan", "DRIVER": "gpio_pwm"})
+    finally:
+        logging.getLogger().removeHandler(handler)
+    record = sent[-1]
+    assert record["MESSAGE"] == "fan: stalled"
+    assert record["BIKE_ID"] == "000042" and record["TOPIC"] == "fan"
+    assert record["DRIVER"] == "gpio_pwm" and record["SYSLOG_IDENTIFIER"] == "smartbiked"
+
+
+def test_journal_is_chosen_only_when_stderr_is_the_journal(monkeypatch, tmp_path):
+    import os
+    import sys
+
+    target = tmp_path / "stderr"
+    with open(target, "w") as f:
+        monkeypatch.setattr(sys, "stderr", f)
+        st = os.fstat(f.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        assert logs.stderr_is_journal()
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino + 1}")
+        assert not logs.stderr_is_journal()
+        monkeypatch.delenv("JOURNAL_STREAM")
+        assert not logs.stderr_is_journal()
