@@ -75,6 +75,7 @@ class Bike:
         self._scheduler = Scheduler(clock)
         self._pending: dict[str, _Pending] = {}
         self._last_write: dict[str, float] = {}
+        self._last_report: dict[str, tuple[float, float]] = {}  # topic -> (time, value)
         self._made_safe = False
         self._opened = threading.Event()
         self._thread: threading.Thread | None = None
@@ -180,6 +181,7 @@ class Bike:
             self._go_safe("shutdown")
         self._scheduler.clear()
         self._pending.clear()
+        self._last_report.clear()
         for driver in list(self.drivers.values()) + list(self.hardware.ports.values()):
             try:
                 driver.close()
@@ -192,13 +194,24 @@ class Bike:
         for driver in self.drivers.values():
             try:
                 driver.poll()
+                if isinstance(driver, Sensor) and driver.settings["deadband"] > 0:
+                    self._read(driver, on_change=True)
             except Exception:
                 log.exception("%s: poll failed", driver.topic, extra={"TOPIC": driver.topic})
 
-    def _read(self, driver: Sensor) -> None:
+    def _read(self, driver: Sensor, on_change: bool = False) -> None:
+        """Report a sensor: always on its interval; on a poll only past its dead band."""
         value = driver.read()
-        if value is not None:
-            self.outbox.report(driver.topic, value, sensor=True)
+        if value is None:
+            return
+        now = self.clock()
+        last = self._last_report.get(driver.topic)
+        if on_change and last is not None and (
+                abs(value - last[1]) <= driver.settings["deadband"]
+                or now - last[0] < 1.0 / driver.settings["max_rate"]):
+            return
+        self._last_report[driver.topic] = (now, value)
+        self.outbox.report(driver.topic, value, sensor=True)
 
     def _actuators(self) -> dict[str, Actuator]:
         return {t: d for t, d in self.drivers.items() if isinstance(d, Actuator)}

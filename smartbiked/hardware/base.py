@@ -150,6 +150,10 @@ class Sensor(Driver):
 
     OPTIONS = (
         Option("interval", (float,), 1.0, "seconds between reports", at_least(0.05)),
+        Option("deadband", (float,), 0.0,
+               "also report at once when the value moves more than this; 0: off", at_least(0)),
+        Option("max_rate", (float,), 5.0, "at most this many change reports per second",
+               at_least(0.01)),
     )
 
     def read(self) -> float | None:
