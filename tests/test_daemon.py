@@ -206,3 +206,87 @@ def test_password_never_appears_in_logs(make_broker, run_daemon, tmp_path):
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(10) == 0
     assert "wrong-secret-42" not in daemon.output()
+
+
+MOTORS = """
+[serial.motors]
+url = "{url}"
+
+[resistance]
+driver = "serial_actuator"
+port = "motors"
+template = "R{{value}}\\n"
+ack = 'OK R(?P<value>-?[0-9.]+)'
+
+[incline]
+driver = "serial_actuator"
+port = "motors"
+template = "I{{value}}\\n"
+ack = 'OK I(?P<value>-?[0-9.]+)'
+"""
+
+
+@pytest.fixture
+def motors(tmp_path):
+    """A motor-controller board that acknowledges each command ("R40" -> "OK R40")."""
+    with FakeBoard(tmp_path, "usb-motors", responder=lambda line: f"OK {line}") as b:
+        yield b
+
+
+@pytest.fixture
+def whole_bike(broker, probe, run_daemon, motors):
+    daemon = run_daemon(bike_config(broker, FAN + MOTORS.format(url=motors.path)))
+    daemon.notify.wait_for("READY=1")
+    probe.wait_for("bike/000001/status", lambda m: m.payload == b"online")
+    assert motors.next_line() == "R0"  # resistance to its safe value at boot
+    for topic in ("fan", "resistance"):  # ...and both reported, before any test's mark
+        probe.json(f"bike/000001/{topic}/report", lambda d: d["value"] == 0.0)
+    return daemon
+
+
+@pytest.mark.parametrize(("topic", "payload", "line", "value"), [
+    ("fan", '{"value": 5.5}', None, 5.5),
+    ("fan", '{"power": 60}', None, 60.0),
+    ("fan", '{"level": 3}', None, 60.0),
+    ("incline", '{"incline": 5.5}', "I5.5", 5.5),
+    ("incline", "-10", "I-10", -10.0),
+    ("resistance", '{"resistance": 40, "timestamp": 1722834170.6}', "R40", 40.0),
+    ("resistance", "100", "R100", 100.0),
+])
+def test_each_legacy_shape_moves_the_right_actuator(broker, probe, whole_bike, motors,
+                                                    topic, payload, line, value):
+    mark = len(probe.messages)
+    send(broker, f"bike/000001/{topic}/control", payload)
+    probe.json(f"bike/000001/{topic}/report", lambda d: d["value"] == value, after=mark)
+    if line is not None:
+        assert motors.next_line() == line
+    assert not [m for m in probe.messages[mark:] if m.topic.endswith("/status")]
+
+
+@pytest.mark.parametrize(("topic", "payload", "reason"), [
+    ("incline", b"\xc3\x28", "not UTF-8"),
+    ("incline", b"up", "neither JSON nor a number"),
+    ("incline", b'{"incline": true}', "not a boolean"),
+    ("incline", b'{"incline": "5"}', "not a string"),
+    ("incline", b"NaN", "NaN is not a number"),
+    ("incline", b"1e999", "finite"),
+    ("incline", b"25", "out of range"),
+    ("incline", b"2.3", "not on a step"),
+    ("resistance", b"-1", "out of range"),
+    ("resistance", b"7" * 600, "too large"),
+    ("gear", b"3", "unknown topic"),
+    ("cadence", b"90", "takes no commands"),
+])
+def test_each_bad_command_is_refused_and_moves_nothing(broker, probe, whole_bike, motors,
+                                                       topic, payload, reason):
+    mark = len(probe.messages)
+    send(broker, f"bike/000001/{topic}/control", payload)
+    refusal = probe.json(f"bike/000001/{topic}/status", after=mark)
+    assert refusal["ok"] is False and reason in refusal["error"]
+    # A good command sent afterwards is the next thing the motor board sees.
+    send(broker, "bike/000001/resistance/control", b"33")
+    assert motors.next_line() == "R33"
+    probe.json("bike/000001/resistance/report", lambda d: d["value"] == 33.0, after=mark)
+    moved = [json.loads(m.payload)["value"] for m in probe.messages[mark:]
+             if m.topic == f"bike/000001/{topic}/report"]
+    assert set(moved) <= {33.0}, moved  # only the follow-up command moved anything
