@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -37,6 +38,14 @@ log = logging.getLogger("smartbiked.mqtt")
 
 #: Messages kept for sending while the broker is away; past this paho drops new ones.
 MAX_QUEUED = 1000
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Turn off Nagle: a command's small report must not wait for a delayed ACK (40 ms)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket (websockets, unix): nothing to tune
 
 
 class _LivenessClient(mqtt.Client):
@@ -115,6 +124,7 @@ class MQTTClient:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_subscribe
+        client.on_socket_open = _no_delay
         client.connect_async(self.broker_address, self.port, self.keepalive)
         self.client = client
 

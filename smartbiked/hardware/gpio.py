@@ -138,9 +138,10 @@ class GpioButtons(EventSource):
 
 
 class GpioPWM(Actuator):
-    """A fan or a resistance brake driven by PWM: the value's share of the range is the duty.
+    """A fan or a resistance brake driven by PWM: a 60 % command is a 60 % duty cycle.
 
-    ``min`` gives 0 % duty and ``max`` 100 %: a config that narrows the range rescales it.
+    The duty follows the topic's documented 0..100 range; a config that narrows
+    ``max`` to 80 caps the output at 80 %, it does not rescale it.
     Drive a MOSFET or motor driver from the pin (never a motor directly).
     ``active_high = false`` for drivers that switch on when the pin is low.
     The output starts off.
@@ -228,7 +229,7 @@ class GpioRelay(Actuator):
 
 
 class GpioServo(Actuator):
-    """A resistance lever moved by a hobby servo: ``min`` at one end, ``max`` at the other.
+    """A resistance lever moved by a hobby servo: 0 % at one end stop, 100 % at the other.
 
     Connect the servo's signal wire to the pin, its power to a 5 V supply able to
     carry its stall current (not the Pi's 5 V pin for anything bigger than a micro
