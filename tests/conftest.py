@@ -85,7 +85,8 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
     def make(users: dict[str, str] | None = None, acl: str | None = None,
              port: int | None = None) -> Broker:
         port = port or free_port()
-        lines = [f"listener {port} 127.0.0.1", "persistence false", "log_dest stderr"]
+        lines = [f"listener {port} 127.0.0.1", "persistence false", "log_dest stderr",
+                 "set_tcp_nodelay true"]
         if os.geteuid() == 0:
             lines.append("user root")  # else it drops to "mosquitto", who cannot read tmp_path
         if users:
