@@ -49,8 +49,10 @@ log = logging.getLogger("smartbiked.service")
 #: Payloads of the retained availability topic. The Last Will says "lost", so an app
 #: can tell a crash or a cut cable ("lost") from an operator's stop ("offline").
 ONLINE, OFFLINE, LOST = "online", "offline", "lost"
-#: The hardware thread must have shown life within this many seconds for a watchdog ping.
-HARDWARE_STALE = 10.0
+#: The hardware thread must have shown life within max(this, the ping period) seconds
+#: for a watchdog ping. It wakes every second; a slow serial acknowledgement may hold it
+#: for ack_timeout x (retries + 1).
+HARDWARE_STALE = 3.0
 
 
 @dataclass(frozen=True)
@@ -197,15 +199,17 @@ class Service:
         if period is None:
             return
         mqtt_stale = self.config.broker.reconnect_max + 15.0  # a slow connect attempt included
+        hardware_stale = max(HARDWARE_STALE, period)
         complained = False
         while not self._stopped.wait(period):
-            healthy = (self.bike.alive(HARDWARE_STALE)
+            healthy = (self.bike.alive(hardware_stale)
                        and self.client.loop_age() < mqtt_stale)
             if healthy:
                 notify("WATCHDOG=1")
                 complained = False
             elif not complained:
-                log.error("a loop is stuck: withholding the watchdog ping")
+                stuck = "hardware thread" if not self.bike.alive(hardware_stale) else "MQTT loop"
+                log.error("the %s is stuck: withholding the watchdog ping", stuck)
                 complained = True
 
     # -- MQTT side ------------------------------------------------------------------------

@@ -290,3 +290,41 @@ def test_each_bad_command_is_refused_and_moves_nothing(broker, probe, whole_bike
     moved = [json.loads(m.payload)["value"] for m in probe.messages[mark:]
              if m.topic == f"bike/000001/{topic}/report"]
     assert set(moved) <= {33.0}, moved  # only the follow-up command moved anything
+
+
+def test_watchdog_pings_stop_while_the_hardware_thread_is_stuck(broker, probe, run_daemon,
+                                                                tmp_path):
+    # A motor board that never answers, with a long ack timeout, holds the hardware thread.
+    with FakeBoard(tmp_path, "usb-motors", responder=lambda line: None) as board:
+        text = bike_config(broker, MOTORS.format(url=board.path).replace(
+            "ack = 'OK I(?P<value>-?[0-9.]+)'",
+            "ack = 'OK I(?P<value>-?[0-9.]+)'\nack_timeout = 5\nretries = 0\nsafe = \"hold\""))
+        text = text.replace('[resistance]\ndriver = "serial_actuator"',
+                            '[resistance]\nsafe = "hold"\ndriver = "serial_actuator"')
+        daemon = run_daemon(text, WATCHDOG_USEC="1000000")
+        first = daemon.notify.wait_for("WATCHDOG=1")
+        probe.wait_for("bike/000001/status", lambda m: m.payload == b"online")
+        send(broker, "bike/000001/incline/control", "5")
+        assert board.next_line() == "I5"
+        wait_until(lambda: "hardware thread is stuck" in daemon.output(), 10, "the stuck log")
+        last = len(daemon.notify.lines)
+        # Pings resume once the command has failed and the thread is back.
+        assert "no acknowledgement" in probe.json("bike/000001/incline/status",
+                                                  timeout=15)["error"]
+        daemon.notify.wait_for("WATCHDOG=1", after=last, timeout=5)
+        assert first < last
+
+
+def test_stops_promptly_when_the_broker_never_answers(run_daemon):
+    # A TCP listener that accepts but never speaks MQTT: the CONNACK never comes.
+    import socket as socketlib
+
+    with socketlib.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        daemon = run_daemon(bike_config(None, FAN, port=silent.getsockname()[1]))
+        daemon.notify.wait_for("READY=1")
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0
+        assert time.monotonic() - started < 6
