@@ -130,6 +130,8 @@ if [[ -f $ETC/env ]]; then
     while IFS= read -r line || [[ -n $line ]]; do
         line=${line#export }
         [[ $line =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || continue
+        # The check needs no password, and a command line is readable by every user (ps).
+        [[ $line == MQTT_PASSWORD=* ]] && continue
         value=${line#*=}
         if [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]]; then
             value=${BASH_REMATCH[1]}

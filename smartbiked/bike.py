@@ -76,7 +76,7 @@ class Bike:
         self._pending: dict[str, _Pending] = {}
         self._last_write: dict[str, float] = {}
         self._last_report: dict[str, tuple[float, float]] = {}  # topic -> (time, value)
-        self._made_safe = False
+        self._safe_for: float | None = None  # the outage (its offline_since) already made safe
         self._opened = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -96,11 +96,23 @@ class Bike:
         """Replace every driver with those of ``config``."""
         self._inbox.put(("reload", config))
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Move actuators to their safe values, close everything, end the thread."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Move actuators to their safe values, close everything, end the thread.
+
+        Returns False when the thread did not finish in time (safe values unconfirmed).
+        The default timeout allows every actuator its full acknowledgement time.
+        """
         self._inbox.put(("stop", None))
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is None:
+            return True
+        self._thread.join(self.stop_time() if timeout is None else timeout)
+        return not self._thread.is_alive()
+
+    def stop_time(self) -> float:
+        """Seconds a stop may take: one command in flight plus every safe value, acknowledged."""
+        waits = [d.options.get("ack_timeout", 0.0) * (d.options.get("retries", 0) + 1)
+                 for d in self.config.drivers]
+        return 2.0 + 2 * sum(waits)
 
     def alive(self, within: float) -> bool:
         """True if the hardware thread has shown life in the last ``within`` seconds."""
@@ -110,30 +122,40 @@ class Bike:
     # -- the hardware thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        self._open()
+        try:
+            self._open()
+        except Exception:
+            log.exception("opening the hardware failed")
         self._opened.set()
         while True:
             self.heartbeat = self.clock()
-            wait = min(self._scheduler.run_due(), self._next_deferred(), MAX_SLEEP)
             try:
-                kind, item = self._inbox.get(timeout=max(wait, 0.0))
-            except queue.Empty:
-                self._check_offline()
-                self._apply_pending()
-                continue
-            # Take everything queued so far, so a burst of commands coalesces: latest wins.
-            batch = [(kind, item)]
-            while True:
-                try:
-                    batch.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for kind, item in batch:
-                if kind == "stop":
-                    self._close(safe=True)
+                if self._step():
                     return
-                self._handle(kind, item)
-            self._apply_pending()
+            except Exception:
+                # Nothing may end this thread early: it is the only one that can make
+                # the bike safe at shutdown.
+                log.exception("hardware thread error")
+
+    def _step(self) -> bool:
+        """One pass: run due jobs, take queued work, apply commands; True after a stop."""
+        wait = min(self._scheduler.run_due(), self._next_deferred(), MAX_SLEEP)
+        batch: list[tuple[str, Any]] = []
+        try:
+            batch.append(self._inbox.get(timeout=max(wait, 0.0)))
+            # Take everything queued so far, so a burst of commands coalesces: latest wins.
+            while True:
+                batch.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        for kind, item in batch:
+            if kind == "stop":
+                self._close(safe=True)
+                return True
+            self._handle(kind, item)
+        self._check_offline()
+        self._apply_pending()
+        return False
 
     def _handle(self, kind: str, item: Any) -> None:
         if kind == "command":
@@ -173,14 +195,16 @@ class Bike:
                 driver.start(lambda payload, t=spec.topic: self._inbox.put(("event", (t, payload))))
             log.info("%s: %s driver ready", spec.topic, spec.kind, extra=fields)
         self._scheduler.every(POLL_INTERVAL, self._poll_all, "poll")
-        self._made_safe = False
         self._go_safe("start-up")  # a defined state at boot, not the last commanded one
 
     def _close(self, safe: bool) -> None:
+        for pending in self._pending.values():  # every requester hears back
+            self.outbox.outcome(pending.command, pending.replies, None,
+                                "not applied: the hardware was closed (stop or reload)")
+        self._pending.clear()
         if safe:
             self._go_safe("shutdown")
         self._scheduler.clear()
-        self._pending.clear()
         self._last_report.clear()
         for driver in list(self.drivers.values()) + list(self.hardware.ports.values()):
             try:
@@ -222,15 +246,16 @@ class Bike:
                 continue  # "hold": never move it unasked (an incline under a rider)
             self._pending.pop(topic, None)
             self._write(actuator, Command(topic, actuator.safe_value), [], why)
-        self._made_safe = True
 
     def _check_offline(self) -> None:
+        """Make actuators safe once per outage that lasts offline_safe_after seconds."""
         since = self.offline_since
-        if since is None:
-            self._made_safe = False
-        elif not self._made_safe and self.clock() - since >= self.config.offline_safe_after:
+        if since is None or since == self._safe_for:
+            return
+        if self.clock() - since >= self.config.offline_safe_after:
             log.warning("broker unreachable for %.0f s: actuators to safe values",
                         self.clock() - since)
+            self._safe_for = since
             self._go_safe("broker lost")
 
     def _next_deferred(self) -> float:
@@ -252,6 +277,12 @@ class Bike:
             if self.clock() < ready_at:
                 continue  # protects the motor; a newer command may still replace this one
             del self._pending[topic]
+            # Checked again here: a reload may have narrowed the range since it was parsed.
+            problem = actuator.limits.problem(pending.command.value)
+            if problem:
+                self.outbox.outcome(pending.command, pending.replies, None,
+                                    f"{pending.command.value:g} is {problem}")
+                continue
             self._write(actuator, pending.command, pending.replies, "command")
 
     def _write(self, actuator: Actuator, command: Command, replies: list[Any],

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -91,13 +92,30 @@ def _port_check(v: int) -> str | None:
     return None if 1 <= v <= 65535 else "must be a port number from 1 to 65535"
 
 
+def _regex_check(v: str) -> str | None:
+    try:
+        re.compile(v)
+    except re.error as exc:
+        return f"not a regular expression: {exc}"
+    return None
+
+
+def _host_check(v: str) -> str | None:
+    try:
+        v.encode("idna")
+    except UnicodeError:
+        return "not a valid host name"
+    return None if v and not any(c.isspace() for c in v) else "not a valid host name"
+
+
 _BIKE = (
     Option("id", (str,), REQUIRED, 'the bike id in topics, six digits: "000001"'),
-    Option("id_pattern", (str,), r"[0-9]{6}", "regular expression the id must match"),
+    Option("id_pattern", (str,), r"[0-9]{6}", "regular expression the id must match",
+           _regex_check),
     Option("device_name", (str,), "", "metadata.deviceName in reports (default: host name)"),
 )
 _BROKER = (
-    Option("host", (str,), "localhost", "broker host name or address"),
+    Option("host", (str,), "localhost", "broker host name or address", _host_check),
     Option("port", (int,), 1883, "broker port", _port_check),
     Option("username", (str,), "", "account name; empty for an anonymous broker"),
     Option("password_file", (str,), "", "file holding the password (mode 0600)"),
@@ -132,10 +150,14 @@ class _Checker:
     def __init__(self, path: Path) -> None:
         self.file = str(path)
         self.problems: list[ConfigProblem] = []
+        #: (table, key) -> the environment variable that set it, so errors blame the variable.
+        self.from_env: dict[tuple[str, str], str] = {}
 
     def add(self, table: str, key: str, problem: str, found: Any = None,
             secret: bool = False) -> None:
         shown = None if secret or found is None else _show(found)
+        if (table, key) in self.from_env:
+            table, key = "environment", self.from_env[table, key]
         self.problems.append(ConfigProblem(self.file, table, key, problem, shown))
 
     def table(self, name: str, raw: Any, options: tuple[Option, ...] | dict[str, Option],
@@ -202,15 +224,13 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
             pass
         elif not bike_id or _FORBIDDEN_IN_ID.search(bike_id):
             check.add("bike", "id", "must be non-empty, without +, #, / or white space", bike_id)
-        elif not _fullmatch(bike.get("id_pattern", ""), bike_id):
+        elif "id_pattern" in bike and not _fullmatch(bike["id_pattern"], bike_id):
             check.add("bike", "id", f"does not match id_pattern {bike['id_pattern']!r}", bike_id)
 
     broker = check.table("broker", raw.get("broker", {}), _BROKER)
     service = check.table("service", raw.get("service", {}), _SERVICE)
     password = _password(broker, env, check) if broker else ""
-    for key in ("ca_file", "certfile", "keyfile"):
-        if broker.get(key) and not os.access(broker[key], os.R_OK):
-            check.add("broker", key, "file not readable", broker[key])
+    _check_tls(broker, check)
 
     serial = _serial_tables(raw.get("serial", {}), check)
     drivers = tuple(
@@ -240,7 +260,29 @@ def _fullmatch(pattern: str, text: str) -> bool:
     try:
         return re.fullmatch(pattern, text) is not None
     except re.error:
-        return True  # reported against id_pattern itself below
+        return True  # already reported against id_pattern itself
+
+
+def _check_tls(broker: dict[str, Any], check: _Checker) -> None:
+    """Load the TLS files now, so a bad one is a config error and not a crash loop."""
+    unreadable = False
+    for key in ("ca_file", "certfile", "keyfile"):
+        if broker.get(key) and not os.access(broker[key], os.R_OK):
+            check.add("broker", key, "file not readable", broker[key])
+            unreadable = True
+    if not broker.get("tls") or unreadable:
+        return
+    try:
+        context = ssl.create_default_context(cafile=broker.get("ca_file") or None)
+    except (ssl.SSLError, OSError) as exc:
+        check.add("broker", "ca_file", f"not a CA certificate file: {exc}", broker["ca_file"])
+        return
+    if broker.get("certfile"):
+        try:
+            context.load_cert_chain(broker["certfile"], broker.get("keyfile") or None)
+        except (ssl.SSLError, OSError) as exc:
+            check.add("broker", "certfile", f"certificate and key do not load: {exc}",
+                      broker["certfile"])
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str], check: _Checker) -> None:
@@ -259,6 +301,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str], check: _Checker) -> 
         section = raw.setdefault(table, {})
         if isinstance(section, dict):
             section[key] = value
+            check.from_env[table, key] = var
 
 
 def _password(broker: dict[str, Any], env: Mapping[str, str], check: _Checker) -> str:
@@ -266,9 +309,9 @@ def _password(broker: dict[str, Any], env: Mapping[str, str], check: _Checker) -
     if "MQTT_PASSWORD" in env:
         return env["MQTT_PASSWORD"]
     candidates: list[tuple[str, str]] = []
-    if broker["password_file"]:
+    if broker.get("password_file"):
         candidates.append(("password_file", broker["password_file"]))
-    elif env.get("CREDENTIALS_DIRECTORY"):
+    elif env.get("CREDENTIALS_DIRECTORY") and broker.get("password_credential"):
         cred = Path(env["CREDENTIALS_DIRECTORY"]) / broker["password_credential"]
         if cred.exists():
             candidates.append(("password_credential", str(cred)))

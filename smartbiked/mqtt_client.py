@@ -49,9 +49,23 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
 
 
 class _LivenessClient(mqtt.Client):
-    """paho's client, noting the time of every pass of its network loop (for the watchdog)."""
+    """paho's client, made safe to publish from several threads, and watched for liveness.
+
+    With ``loop_forever`` paho writes to the socket from whichever thread publishes,
+    unlocked, while the loop thread writes too: two packets could interleave on a
+    partial write. Every write goes through :meth:`loop_write`, so one lock there
+    serialises them. ``last_pass`` is the time of the loop's latest pass (watchdog).
+    """
 
     last_pass: float = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._write_lock = threading.RLock()
+
+    def loop_write(self) -> mqtt.MQTTErrorCode:
+        with self._write_lock:
+            return super().loop_write()
 
     def loop_misc(self) -> mqtt.MQTTErrorCode:
         self.last_pass = time.monotonic()
@@ -96,7 +110,6 @@ class MQTTClient:
         self.client: _LivenessClient | None = None
         self.connected = threading.Event()
         self._topics: dict[str, int] = {}
-        self._lock = threading.Lock()  # paho's socket writes are not locked across threads
         self._connect_fails = 0
 
     def __repr__(self) -> str:
@@ -149,8 +162,7 @@ class MQTTClient:
         """
         if not isinstance(payload, (str, bytes, bytearray)):
             payload = json.dumps(payload)
-        with self._lock:
-            return self._paho().publish(topic_name, payload, qos, retain, properties)
+        return self._paho().publish(topic_name, payload, qos, retain, properties)
 
     def on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Called for each message received; subclasses extend it and call ``super()``."""

@@ -71,6 +71,12 @@ class Reply:
             return None
         return cls(topic, getattr(props, "CorrelationData", None))
 
+    def problem(self) -> str | None:
+        """Why answers cannot be sent to this topic, or None."""
+        if "+" in self.topic or "#" in self.topic:
+            return "ResponseTopic must not contain wildcards"
+        return None
+
 
 class BikeConnection(MQTTClient):
     """The daemon's single MQTT connection: the documented client, told about the service."""
@@ -109,7 +115,9 @@ class Service:
         self.bike = Bike(config, hardware, self)
         self.client = BikeConnection(self)
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self._exit_status = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -143,7 +151,7 @@ class Service:
         finally:
             self._stopped.set()
         log.info("stopped")
-        return 0
+        return self._exit_status
 
     def _handle_signals(self) -> None:
         while True:
@@ -154,6 +162,10 @@ class Service:
                     continue
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 self.shutdown()
+                # A connect that was in flight may still succeed after disconnect();
+                # connected() then disconnects again, and so does this loop.
+                while not self._stopped.wait(2.0):
+                    self.client.disconnect()
                 return
             except Exception:
                 log.exception("handling signal %d failed", signum)
@@ -161,7 +173,10 @@ class Service:
     def shutdown(self) -> None:
         """Actuators to safe values, say offline, disconnect: loop_forever then returns."""
         notify("STOPPING=1", "STATUS=stopping: actuators to safe values")
-        self.bike.stop(timeout=3.0)
+        self._stopping.set()
+        if not self.bike.stop():
+            log.error("the hardware thread did not finish: actuators may not be safe")
+            self._exit_status = 1
         if self.client.is_connected():
             info = self.client.publish(availability_topic(self.config.bike_id), OFFLINE,
                                        retain=True)
@@ -216,6 +231,9 @@ class Service:
 
     def connected(self) -> None:
         """The connection is up: say online, let the hardware know."""
+        if self._stopping.is_set():
+            self.client.disconnect()  # the connect raced a stop: do not claim to be online
+            return
         self.bike.offline_since = None
         self.client.publish(availability_topic(self.config.bike_id), ONLINE, retain=True)
         notify(f"STATUS=connected to {self.config.broker.host}:{self.config.broker.port}")
@@ -233,25 +251,37 @@ class Service:
             return
         result = parse_command(msg.topic, msg.payload, self.config.bike_id, self.limits)
         reply = Reply.of(msg)
+        bad_reply = reply.problem() if reply else None
+        if bad_reply:
+            reply = None  # nowhere valid to answer; the status topic says why
+            if isinstance(result, Command):
+                result = Refusal(result.topic, bad_reply, self.limits.get(result.topic))
         if isinstance(result, Refusal):
-            self._refuse(result, reply)
+            self._refuse(result, [reply] if reply else [])
         else:
             self.bike.submit(result, reply)
 
-    def _refuse(self, refusal: Refusal, reply: Reply | None) -> None:
+    def _refuse(self, refusal: Refusal, replies: list[Reply]) -> None:
         fields = {"TOPIC": refusal.topic or ""}
         log.warning("%s: command refused: %s", refusal.topic, refusal.reason, extra=fields)
         body = refusal.payload(time.time(), self.config.device_name)
         if refusal.topic is not None:
-            self.client.publish(topic_path(self.config.bike_id, refusal.topic, "status"), body)
-        if reply is not None:
+            self._send(topic_path(self.config.bike_id, refusal.topic, "status"), body)
+        for reply in replies:
             self._answer(reply, body)
 
     def _answer(self, reply: Reply, body: dict[str, Any]) -> None:
         props = Properties(PacketTypes.PUBLISH)
         if reply.correlation is not None:
             props.CorrelationData = reply.correlation
-        self.client.publish(reply.topic, body, properties=props)
+        self._send(reply.topic, body, properties=props)
+
+    def _send(self, topic: str, body: Any, **kwargs: Any) -> None:
+        """Publish; a message paho refuses is logged, never raised into a loop."""
+        try:
+            self.client.publish(topic, body, **kwargs)
+        except (ValueError, TypeError) as exc:
+            log.error("cannot publish on %s: %s", topic, exc)
 
     # -- the hardware thread's outbox -------------------------------------------------------
 
@@ -260,20 +290,21 @@ class Service:
         if sensor and not self.client.is_connected():
             return  # a reading queued through an outage is stale by the time it arrives
         body = report_payload(value, TOPICS[topic].unit, time.time(), self.config.device_name)
-        self.client.publish(topic_path(self.config.bike_id, topic, "report"), body)
+        self._send(topic_path(self.config.bike_id, topic, "report"), body)
 
     def event(self, topic: str, payload: dict[str, Any]) -> None:
         """Publish an event (a button press) on the topic's report sub-topic."""
-        self.client.publish(topic_path(self.config.bike_id, topic, "report"), payload)
+        if not self.client.is_connected():
+            return  # a brake press delivered after an outage would steer a game wrongly
+        self._send(topic_path(self.config.bike_id, topic, "report"), payload)
 
     def outcome(self, command: Command, replies: list[Any], value: float | None,
                 error: str | None) -> None:
-        """Answer requesters; a hardware failure is also reported on the status topic."""
+        """Answer requesters; a failure is also published on the status topic."""
         if error is not None:
-            self._refuse(Refusal(command.topic, error, self.limits.get(command.topic)), None)
-            body = Refusal(command.topic, error).payload(time.time(), self.config.device_name)
-        else:
-            body = applied_payload(value, time.time(), self.config.device_name)
+            self._refuse(Refusal(command.topic, error, self.limits.get(command.topic)), replies)
+            return
+        body = applied_payload(value, time.time(), self.config.device_name)
         for reply in replies:
             self._answer(reply, body)
 

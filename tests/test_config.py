@@ -207,3 +207,34 @@ def test_invalid_config_exits_78_before_touching_hardware_or_network(tmp_path):
     assert result.returncode == EX_CONFIG
     assert "[fan] pin: missing (required)" in result.stderr
     assert "connect" not in result.stderr.lower()
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("[broker]\npassword_file = 5\n", "[broker] password_file: must be a string"),
+    ('[broker]\npassword_credential = true\n', "[broker] password_credential: must be a string"),
+    ('[bike]\nid_pattern = "([0-9"\n', "[bike] id_pattern: not a regular expression"),
+    ('[broker]\nhost = "bad..host"\n', "[broker] host: not a valid host name"),
+    ('[broker]\nhost = "a b"\n', "[broker] host: not a valid host name"),
+])
+def test_values_that_would_crash_at_start_are_config_errors(tmp_path, body, expected):
+    text = MINIMAL.replace("[bike]\n", "") if body.startswith("[bike]") else MINIMAL
+    if body.startswith("[bike]"):
+        body = '[bike]\nid = "000001"\n' + body.split("\n", 1)[1]
+    found = problems(tmp_path, text + body)
+    assert any(expected in p for p in found), found
+
+
+def test_tls_files_are_loaded_at_check_time(tmp_path):
+    bogus = tmp_path / "ca.pem"
+    bogus.write_text("not a certificate\n")
+    found = problems(tmp_path, MINIMAL + f'[broker]\ntls = true\nca_file = "{bogus}"\n')
+    assert any("[broker] ca_file: not a CA certificate file" in p for p in found), found
+    cfg = config.load(write(tmp_path, MINIMAL + "[broker]\ntls = true\n"), environ={})
+    assert cfg.broker.tls  # the system's CAs load fine
+
+
+def test_errors_from_environment_variables_name_the_variable(tmp_path):
+    found = problems(tmp_path, MINIMAL, env={"MQTT_PORT": "99999", "DEVICE_ID": "12/4"})
+    text = "\n".join(found)
+    assert "[environment] MQTT_PORT: must be a port number from 1 to 65535 (found 99999)" in text
+    assert "[environment] DEVICE_ID: must be non-empty, without +, #, / or white space" in text

@@ -135,6 +135,24 @@ def test_v5_request_gets_its_correlated_answer(broker, probe, run_daemon):
     assert "out of range" in json.loads(bad.payload)["error"]
 
 
+def test_wildcard_response_topic_is_refused_and_the_daemon_carries_on(broker, probe,
+                                                                      run_daemon):
+    daemon = run_daemon(bike_config(broker, FAN))
+    probe.wait_for("bike/000001/status", lambda m: m.payload == b"online")
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = "apps/x/#"
+    mark = len(probe.messages)
+    send(broker, "bike/000001/fan/control", b"50", properties=props)
+    refusal = probe.json("bike/000001/fan/status", after=mark)
+    assert "ResponseTopic must not contain wildcards" in refusal["error"]
+    send(broker, "bike/000001/fan/control", b"20")
+    probe.json("bike/000001/fan/report", lambda d: d["value"] == 20.0, after=mark)
+    values = [json.loads(m.payload)["value"] for m in probe.messages[mark:]
+              if m.topic == "bike/000001/fan/report"]
+    assert 50.0 not in values
+    assert daemon.proc.poll() is None
+
+
 def test_watchdog_pings_while_both_loops_live(broker, run_daemon):
     daemon = run_daemon(bike_config(broker, FAN), WATCHDOG_USEC="200000")
     first = daemon.notify.wait_for("WATCHDOG=1")
