@@ -290,7 +290,8 @@ class Service:
         if sensor and not self.client.is_connected():
             return  # a reading queued through an outage is stale by the time it arrives
         body = report_payload(value, TOPICS[topic].unit, time.time(), self.config.device_name)
-        self._send(topic_path(self.config.bike_id, topic, "report"), body)
+        # An actuator's report is its state: retained, so an app that starts later sees it.
+        self._send(topic_path(self.config.bike_id, topic, "report"), body, retain=not sensor)
 
     def event(self, topic: str, payload: dict[str, Any]) -> None:
         """Publish an event (a button press) on the topic's report sub-topic."""

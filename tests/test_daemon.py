@@ -71,6 +71,19 @@ def test_ready_reports_commands_refusals_and_clean_stop(broker, probe, run_daemo
     send(broker, "bike/000001/fan/control", '{"level": 3}')
     fan = probe.json("bike/000001/fan/report", after=mark)
     assert fan["value"] == 60.0 and fan["unitName"] == "percentage"
+    # An actuator's report is retained: an app that starts now still learns the fan's state.
+    late = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    retained = []
+    late.on_message = lambda c, u, m: retained.append((m.retain, json.loads(m.payload)))
+    late.connect(broker.host, broker.port)
+    late.subscribe("bike/000001/fan/report", qos=1)
+    late.loop_start()
+    try:
+        wait_until(lambda: retained, 10, "the retained fan state")
+        assert retained[0][0] is True and retained[0][1]["value"] == 60.0
+    finally:
+        late.disconnect()
+        late.loop_stop()
 
     # A bad command is refused on the status sub-topic and moves nothing.
     mark = len(probe.messages)
