@@ -21,7 +21,7 @@ from typing import Any
 
 from smartbiked.errors import ConfigError, ConfigProblem
 from smartbiked.hardware import DRIVERS, Actuator, Option, SerialBoard
-from smartbiked.hardware.base import REQUIRED, at_least, between
+from smartbiked.hardware.base import REQUIRED, at_least, between, regex
 from smartbiked.topics import TOPICS, Limits
 
 DEFAULT_PATH = Path("/etc/smartbiked/smartbike.toml")
@@ -92,14 +92,6 @@ def _port_check(v: int) -> str | None:
     return None if 1 <= v <= 65535 else "must be a port number from 1 to 65535"
 
 
-def _regex_check(v: str) -> str | None:
-    try:
-        re.compile(v)
-    except re.error as exc:
-        return f"not a regular expression: {exc}"
-    return None
-
-
 def _host_check(v: str) -> str | None:
     try:
         v.encode("idna")
@@ -111,7 +103,7 @@ def _host_check(v: str) -> str | None:
 _BIKE = (
     Option("id", (str,), REQUIRED, 'the bike id in topics, six digits: "000001"'),
     Option("id_pattern", (str,), r"[0-9]{6}", "regular expression the id must match",
-           _regex_check),
+           regex),
     Option("device_name", (str,), "", "metadata.deviceName in reports (default: host name)"),
 )
 _BROKER = (

@@ -22,6 +22,7 @@ Subclasses **may** override :meth:`Driver.close` (release pins and ports),
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -87,6 +88,15 @@ def between(low: float, high: float) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         return None if low <= v <= high else f"must be between {low} and {high}"
     return check
+
+
+def regex(value: Any) -> str | None:
+    """An Option check: the value compiles as a regular expression."""
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"not a regular expression: {exc}"
+    return None
 
 
 @dataclass

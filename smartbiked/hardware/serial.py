@@ -40,7 +40,15 @@ from typing import Any, NamedTuple
 import serial
 
 from smartbiked.errors import HardwareError
-from smartbiked.hardware.base import REQUIRED, Actuator, Hardware, Option, Sensor, at_least
+from smartbiked.hardware.base import (
+    REQUIRED,
+    Actuator,
+    Hardware,
+    Option,
+    Sensor,
+    at_least,
+    regex,
+)
 
 log = logging.getLogger("smartbiked.serial")
 
@@ -215,14 +223,6 @@ def _check_template(template: Any) -> str | None:
                 "use {value} and {topic}, and {{ }} for literal braces")
     if not any(re.match(r"value\b", f) for f in fields):
         return "must contain {value}"
-    return None
-
-
-def _check_regex(pattern: Any) -> str | None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        return f"is not a valid regular expression: {exc}"
     return None
 
 
@@ -598,7 +598,7 @@ class SerialActuator(Actuator):
                "command line sent, with {value} and {topic}", _check_template),
         Option("ack", (str,), "",
                'regular expression the answer must match ("": no answer expected); '
-               "a group named value is the value reached", _check_regex),
+               "a group named value is the value reached", regex),
         Option("ack_timeout", (float,), 0.5, "seconds to wait for each answer",
                at_least(0, strict=True)),
         Option("retries", (int,), 2, "times an unanswered command is sent again",
