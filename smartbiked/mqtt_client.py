@@ -49,15 +49,17 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
 
 
 class _LivenessClient(mqtt.Client):
-    """paho's client, made safe to publish from several threads, and watched for liveness.
+    """paho's client, safe to publish from several threads, watched, and telling why it failed.
 
     With ``loop_forever`` paho writes to the socket from whichever thread publishes,
     unlocked, while the loop thread writes too: two packets could interleave on a
     partial write. Every write goes through :meth:`loop_write`, so one lock there
-    serialises them. ``last_pass`` is the time of the loop's latest pass (watchdog).
+    serialises them. ``last_pass`` is the time of the loop's latest pass (watchdog);
+    ``last_error`` why the latest connect attempt failed.
     """
 
     last_pass: float = 0.0
+    last_error: OSError | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -70,6 +72,14 @@ class _LivenessClient(mqtt.Client):
     def loop_misc(self) -> mqtt.MQTTErrorCode:
         self.last_pass = time.monotonic()
         return super().loop_misc()
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        # paho swallows why a connect failed; keep it so the log can say (TLS, DNS, ...).
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.last_error = exc
+            raise
 
 
 class MQTTClient:
@@ -231,8 +241,9 @@ class MQTTClient:
         self._connect_fails += 1
         # Log the first failure and then every tenth, so a long outage does not flood.
         if self._connect_fails == 1 or self._connect_fails % 10 == 0:
-            log.warning("cannot reach broker %s:%s (attempt %d), retrying",
-                        self.broker_address, self.port, self._connect_fails)
+            log.warning("cannot reach broker %s:%s (attempt %d): %s; retrying",
+                        self.broker_address, self.port, self._connect_fails,
+                        self._paho().last_error or "connection failed")
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                            reason_code: Any, properties: Any) -> None:

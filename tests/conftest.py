@@ -79,11 +79,11 @@ class Broker:
 
 @pytest.fixture
 def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """Start brokers: ``make_broker(users={"name": "password"}, acl="...")``."""
+    """Start brokers: ``make_broker(users={"name": "password"}, acl="...", extra=[lines])``."""
     started: list[Broker] = []
 
     def make(users: dict[str, str] | None = None, acl: str | None = None,
-             port: int | None = None) -> Broker:
+             port: int | None = None, extra: list[str] | None = None) -> Broker:
         port = port or free_port()
         lines = [f"listener {port} 127.0.0.1", "persistence false", "log_dest stderr",
                  "set_tcp_nodelay true"]
@@ -101,6 +101,7 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
             aclfile = tmp_path / f"acl-{port}"
             aclfile.write_text(acl)
             lines.append(f"acl_file {aclfile}")
+        lines += extra or []
         conf = tmp_path / f"mosquitto-{port}.conf"
         conf.write_text("\n".join(lines) + "\n")
         broker = Broker(port, conf)
