@@ -78,9 +78,34 @@ class Target:
     keyfile: str = ""
 
 
-def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Target:
+#: The daemon's systemd unit reads this (EnvironmentFile=): bikes moved from the old
+#: scripts keep MQTT_* and DEVICE_ID there, so the command must see them too.
+DAEMON_ENV_FILE = Path("/etc/smartbiked/env")
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a systemd EnvironmentFile (or an old ~/.env); {} if unreadable."""
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    found = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().removeprefix("export ").partition("=")
+        if sep and key.strip().isidentifier() and not key.startswith("#"):
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            found[key.strip()] = value
+    return found
+
+
+def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None,
+            daemon_env: Path = DAEMON_ENV_FILE) -> Target:
     """The target from the config file (if any), the environment, then the flags."""
     env = dict(os.environ if environ is None else environ)
+    if not args.config:  # the installed bike: see what its daemon sees
+        env = {**env_file(daemon_env), **env}
     if args.password_file:
         try:
             # Through the variable the loader honours first, so a password_file named in
@@ -135,9 +160,15 @@ class Session(MQTTClient):
         """Connect (subscriptions made before are in place); Failure if it takes too long."""
         self.setup_mqtt_client()
         self.loop_start()
-        if not self.connected.wait(timeout):
-            raise Failure(f"cannot connect to the broker at {self.target.host}:"
-                          f"{self.target.port} within {timeout:g} s")
+        deadline = time.monotonic() + timeout
+        while not self.connected.wait(0.05):
+            if self.refused:  # retrying a refused login only repeats the refusal
+                raise Failure(f"the broker at {self.target.host}:{self.target.port} refused "
+                              f"the connection ({self.refused}); check --username and "
+                              "--password-file")
+            if time.monotonic() > deadline:
+                raise Failure(f"cannot connect to the broker at {self.target.host}:"
+                              f"{self.target.port} within {timeout:g} s")
 
     def close(self) -> None:
         """Disconnect and stop the network thread."""
@@ -216,7 +247,10 @@ def cmd_set(args: argparse.Namespace, target: Target) -> int:
             if _correlation(msg) != correlation or not isinstance(body, dict):
                 continue
             if body.get("ok") is True:
-                print(f"{args.topic}: {body.get('value', args.value):g} {_unit(args.topic)}")
+                value = body.get("value")
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    value = args.value  # an odd answer still means it was applied
+                print(f"{args.topic}: {value:g} {_unit(args.topic)}")
                 return OK
             print(refusal_text(args.topic, body), file=sys.stderr)
             return REFUSED

@@ -119,6 +119,8 @@ class MQTTClient:
         self.will = will
         self.client: _LivenessClient | None = None
         self.connected = threading.Event()
+        #: The broker's reason for refusing the latest connect (bad login...), or None.
+        self.refused: str | None = None
         self._topics: dict[str, int] = {}
         self._connect_fails = 0
 
@@ -224,6 +226,7 @@ class MQTTClient:
         try:
             if reason_code.is_failure:
                 # A refused login or certificate shows up as endless reconnects: say why.
+                self.refused = str(reason_code)
                 log.error("broker %s:%s refused the connection: %s",
                           self.broker_address, self.port, reason_code)
                 return

@@ -36,6 +36,7 @@ not simulated until the daemon restarts.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -340,9 +341,12 @@ class VirtualBike:
                  + [o.settings["pin"] for o in self.outputs])
         for spec in specs:
             try:
-                self.factory.pin(spec)
+                pin = self.factory.pin(spec)
             except Exception as exc:  # the daemon's driver will say so too
                 log.warning("virtual pin %r: %s", spec, exc)
+                continue
+            # A mock pin keeps every change it ever saw: bounded, a day-long demo stays small.
+            pin.states = collections.deque(pin.states, maxlen=64)
         self.directory = Path(tempfile.mkdtemp(prefix="smartbike-sim-"))
         for name, settings in self.config.serial.items():
             link = re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "board"
@@ -507,6 +511,8 @@ class VirtualBike:
                 pin.drive_high()
             else:
                 pin.drive_low()
+        except TypeError:
+            pass  # a reload swapped the pin's callback under us: the next edge is fine
         except Exception as exc:
             if str(spec) not in self._bad_pins:
                 self._bad_pins.add(str(spec))

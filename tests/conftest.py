@@ -288,6 +288,8 @@ def run_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         cfg.write_text(text)
         notify = NotifySocket()
         log = tmp_path / f"daemon{len(daemons)}.log"
+        # TMPDIR: what the daemon leaves behind when killed goes with the test's folder.
+        env = {"TMPDIR": str(tmp_path), **env}
         d = Daemon(cfg, notify, daemon_env(notify, **env), log=log)
         daemons.append(d)
         return d.start(*args)

@@ -173,9 +173,17 @@ def test_target_from_config_file_then_environment_then_flags(tmp_path, monkeypat
     assert (t.host, t.port, t.bike_id, t.password) == ("broker.lan", 41234, "000007", "s3cret")
     # No config file at the default place: localhost, bike 000001, or the environment's.
     monkeypatch.setattr(cli.configuration, "DEFAULT_PATH", tmp_path / "absent.toml")
-    assert cli.resolve(options(), environ={}) == cli.Target()
-    t = cli.resolve(options(), environ={"MQTT_HOSTNAME": "h", "DEVICE_ID": "000009"})
+    none = tmp_path / "absent.env"
+    assert cli.resolve(options(), environ={}, daemon_env=none) == cli.Target()
+    t = cli.resolve(options(), environ={"MQTT_HOSTNAME": "h", "DEVICE_ID": "000009"},
+                    daemon_env=none)
     assert (t.host, t.bike_id) == ("h", "000009")
+    # A bike moved from the old scripts keeps MQTT_* in the daemon's env file: honoured.
+    daemon_env = tmp_path / "env"
+    daemon_env.write_text('# moved from ~/.env\nexport MQTT_HOSTNAME="old.lan"\n'
+                          "DEVICE_ID='000005'\nMQTT_PORT=1999\n")
+    t = cli.resolve(options(), environ={"MQTT_PORT": "1884"}, daemon_env=daemon_env)
+    assert (t.host, t.bike_id, t.port) == ("old.lan", "000005", 1884)  # own env wins
     # An explicit config that cannot be used is an error, not a silent default.
     with pytest.raises(cli.Failure, match="invalid configuration"):
         cli.resolve(options("--config", str(tmp_path / "absent.toml")), environ={})
@@ -192,6 +200,14 @@ def test_watch_hints_repeat_the_connection_flags():
     lines = cli.render(board, "h:1", connected=True, now=0.0, command=command)
     assert lines[0].startswith("bike 000001 (simulated) on h:1")
     assert lines[-1] == "  smartbike --port 41234 press LEFT"
+
+
+def test_a_refused_login_fails_at_once_with_a_hint(make_broker):
+    broker = make_broker(users={"bike1": "secret"})
+    started = time.monotonic()
+    done = smartbike(*at(broker), "--timeout", "20", "set", "fan", "10", timeout=30)
+    assert done.returncode == 2 and time.monotonic() - started < 10
+    assert "refused the connection" in done.stderr and "--password-file" in done.stderr
 
 
 def test_set_waits_only_as_long_as_asked(broker):

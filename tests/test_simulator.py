@@ -8,7 +8,6 @@ import math
 import re
 import signal
 import statistics
-import time
 from pathlib import Path
 
 import pytest
@@ -268,4 +267,4 @@ def test_an_unknown_button_is_refused_and_a_known_one_pressed(tmp_path, broker):
         # Without a pull-up a pressed button drives its pin high, then lets it fall.
         wait_until(lambda: [s.state for s in pin.states][-2:] == [True, False], 5,
                    "a press and a release on BOARD12")
-        assert time.monotonic() - pin.states[-1].timestamp >= 0  # states are timestamped
+        assert pin.states.maxlen == 64  # the history a long demo keeps stays bounded
