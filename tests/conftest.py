@@ -261,6 +261,26 @@ def daemon_env(notify: NotifySocket | None = None, **extra: str) -> dict[str, st
     return env
 
 
+#: A motor-controller board for resistance and incline ("R40" -> "OK R40").
+MOTORS = """
+[serial.motors]
+url = "{url}"
+
+[resistance]
+driver = "serial_actuator"
+port = "motors"
+template = "R{{value}}\\n"
+ack = 'OK R(?P<value>-?[0-9.]+)'
+min_interval = {min_interval}
+
+[incline]
+driver = "serial_actuator"
+port = "motors"
+template = "I{{value}}\\n"
+ack = 'OK I(?P<value>-?[0-9.]+)'
+"""
+
+
 def bike_config(broker: Broker | None, body: str = "", bike_id: str = "000001",
                 port: int | None = None) -> str:
     """A config file's text: [bike] and [broker] for ``broker``, then ``body``."""

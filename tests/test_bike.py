@@ -15,6 +15,7 @@ from smartbiked.bike import Bike
 from smartbiked.fakeboard import FakeBoard
 from smartbiked.hardware import Hardware
 from smartbiked.topics import Command
+from tests.conftest import MOTORS as SHARED_MOTORS
 
 
 class Recorder:
@@ -65,26 +66,7 @@ def motor_board(directory, delay_first: int = 0) -> FakeBoard:
     return board
 
 
-MOTORS = """
-[bike]
-id = "000001"
-
-[serial.motors]
-url = "{url}"
-
-[resistance]
-driver = "serial_actuator"
-port = "motors"
-template = "R{{value}}\\n"
-ack = 'OK R(?P<value>-?[0-9.]+)'
-min_interval = {min_interval}
-
-[incline]
-driver = "serial_actuator"
-port = "motors"
-template = "I{{value}}\\n"
-ack = 'OK I(?P<value>-?[0-9.]+)'
-"""
+MOTORS = '[bike]\nid = "000001"\n' + SHARED_MOTORS
 
 
 @pytest.fixture

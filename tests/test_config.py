@@ -45,7 +45,7 @@ def test_example_config_is_complete_and_valid():
 
 def test_defaults_fill_a_minimal_file(tmp_path):
     cfg = config.load(write(tmp_path, MINIMAL), environ={})
-    assert cfg.broker.host == "localhost" and cfg.broker.port == 1883
+    assert cfg.broker.host == "localhost" and cfg.broker.port == 1883  # MQTT's default
     assert cfg.broker.client_id == "smartbiked-000001"
     assert cfg.device_name  # the host name
     assert cfg.drivers == ()

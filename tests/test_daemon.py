@@ -13,7 +13,7 @@ from paho.mqtt.properties import Properties
 
 from smartbiked.errors import EX_CONFIG
 from smartbiked.fakeboard import FakeBoard
-from tests.conftest import bike_config, wait_until
+from tests.conftest import MOTORS, bike_config, wait_until
 
 FAN = """
 [fan]
@@ -239,22 +239,6 @@ def test_password_never_appears_in_logs(make_broker, run_daemon, tmp_path):
     assert "wrong-secret-42" not in daemon.output()
 
 
-MOTORS = """
-[serial.motors]
-url = "{url}"
-
-[resistance]
-driver = "serial_actuator"
-port = "motors"
-template = "R{{value}}\\n"
-ack = 'OK R(?P<value>-?[0-9.]+)'
-
-[incline]
-driver = "serial_actuator"
-port = "motors"
-template = "I{{value}}\\n"
-ack = 'OK I(?P<value>-?[0-9.]+)'
-"""
 
 
 @pytest.fixture
@@ -266,7 +250,7 @@ def motors(tmp_path):
 
 @pytest.fixture
 def whole_bike(broker, probe, run_daemon, motors):
-    daemon = run_daemon(bike_config(broker, FAN + MOTORS.format(url=motors.path)))
+    daemon = run_daemon(bike_config(broker, FAN + MOTORS.format(url=motors.path, min_interval=0)))
     daemon.notify.wait_for("READY=1")
     probe.wait_for("bike/000001/status", lambda m: m.payload == b"online")
     assert motors.next_line() == "R0"  # resistance to its safe value at boot
@@ -327,7 +311,7 @@ def test_watchdog_pings_stop_while_the_hardware_thread_is_stuck(broker, probe, r
                                                                 tmp_path):
     # A motor board that never answers, with a long ack timeout, holds the hardware thread.
     with FakeBoard(tmp_path, "usb-motors", responder=lambda line: None) as board:
-        text = bike_config(broker, MOTORS.format(url=board.path).replace(
+        text = bike_config(broker, MOTORS.format(url=board.path, min_interval=0).replace(
             "ack = 'OK I(?P<value>-?[0-9.]+)'",
             "ack = 'OK I(?P<value>-?[0-9.]+)'\nack_timeout = 5\nretries = 0\nsafe = \"hold\""))
         text = text.replace('[resistance]\ndriver = "serial_actuator"',
