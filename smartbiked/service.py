@@ -107,11 +107,9 @@ class BikeConnection(MQTTClient):
 class Service:
     """One bike's daemon; also the :class:`smartbiked.bike.Outbox` of its hardware thread."""
 
-    def __init__(self, config: configuration.Config, hardware: Hardware,
-                 log_handler: logging.Handler | None = None) -> None:
+    def __init__(self, config: configuration.Config, hardware: Hardware) -> None:
         self.config = config
         self.limits = config.actuator_limits()
-        self.log_handler = log_handler
         self.bike = Bike(config, hardware, self)
         self.client = BikeConnection(self)
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -348,5 +346,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         from smartbiked.simulator import VirtualBike
 
         with VirtualBike(cfg, seed=args.seed) as virtual:
-            return Service(cfg, virtual.hardware, handler).run()
-    return Service(cfg, Hardware(), handler).run()
+            return Service(cfg, virtual.hardware).run()
+    return Service(cfg, Hardware()).run()
