@@ -78,6 +78,18 @@ def _pin_option(doc: str) -> Option:
     return Option("pin", (int, str), doc=doc, check=_pin_problem)
 
 
+class _OneDevice:
+    """For drivers built on one gpiozero device kept in ``_device``: closes it once."""
+
+    _device: Any = None
+
+    def close(self) -> None:
+        """Release the pin (gpiozero switches an output off as it closes it)."""
+        device, self._device = self._device, None
+        if device is not None:
+            device.close()
+
+
 class GpioButtons(EventSource):
     """Handlebar buttons (turn left, turn right, brake): one ``button`` event per edge.
 
@@ -137,7 +149,7 @@ class GpioButtons(EventSource):
             button.close()
 
 
-class GpioPWM(Actuator):
+class GpioPWM(_OneDevice, Actuator):
     """A fan or a resistance brake driven by PWM: a 60 % command is a 60 % duty cycle.
 
     The duty follows the topic's documented 0..100 range; a config that narrows
@@ -173,19 +185,13 @@ class GpioPWM(Actuator):
             raise HardwareError(f"{self.topic}: cannot set PWM: {exc}") from exc
         return value
 
-    def close(self) -> None:
-        """Switch off and release the pin."""
-        device, self._device = self._device, None
-        if device is not None:
-            device.close()
-
 
 def _threshold_problem(value: Any) -> str | None:
     # At 0 the relay would be on at the safe value 0; above 100 it could never switch on.
     return None if 0 < value <= 100 else "must be above 0 and at most 100"
 
 
-class GpioRelay(Actuator):
+class GpioRelay(_OneDevice, Actuator):
     """A fan switched by a relay: on at or above ``threshold`` percent, off below it.
 
     Drive the relay module's input from the pin; most modules switch on when their
@@ -221,14 +227,8 @@ class GpioRelay(Actuator):
             raise HardwareError(f"{self.topic}: cannot switch the relay: {exc}") from exc
         return self.limits.high if on else self.limits.low
 
-    def close(self) -> None:
-        """Switch off and release the pin."""
-        device, self._device = self._device, None
-        if device is not None:
-            device.close()
 
-
-class GpioServo(Actuator):
+class GpioServo(_OneDevice, Actuator):
     """A resistance lever moved by a hobby servo: 0 % at one end stop, 100 % at the other.
 
     Connect the servo's signal wire to the pin, its power to a 5 V supply able to
@@ -273,14 +273,8 @@ class GpioServo(Actuator):
             raise HardwareError(f"{self.topic}: cannot move the servo: {exc}") from exc
         return value
 
-    def close(self) -> None:
-        """Stop the pulses and release the pin."""
-        device, self._device = self._device, None
-        if device is not None:
-            device.close()
 
-
-class GpioPulseSensor(Sensor):
+class GpioPulseSensor(_OneDevice, Sensor):
     """Cadence (RPM) or speed (m/s) from a reed switch or hall sensor pulsing per revolution.
 
     Wire a reed switch, or an open-collector hall sensor's output, between the pin and
@@ -362,8 +356,3 @@ class GpioPulseSensor(Sensor):
         count = min(len(edges) - 1, self._per_rev)
         return (edges[-1] - edges[-1 - count]) * self._per_rev / count
 
-    def close(self) -> None:
-        """Release the pin."""
-        device, self._device = self._device, None
-        if device is not None:
-            device.close()
