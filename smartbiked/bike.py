@@ -50,6 +50,9 @@ class Outbox(Protocol):
                 error: str | None) -> None:
         """How a command ended: the value reached, or why it failed."""
 
+    def driver_state(self, topic: str, state: str, reason: str | None) -> None:
+        """A topic's driver changed state: "running", "stale" or "failed" (with why)."""
+
 
 @dataclass
 class _Pending:

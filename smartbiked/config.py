@@ -46,6 +46,8 @@ class BrokerSettings:
     keepalive: int
     reconnect_max: float
     client_id: str
+    reply_topics: tuple[str, ...] = ("bike/{id}/reply/#",)
+    max_packet_size: int = 4096
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,18 @@ def _port_check(v: int) -> str | None:
     return None if 1 <= v <= 65535 else "must be a port number from 1 to 65535"
 
 
+def _reply_patterns_check(v: list[Any]) -> str | None:
+    from smartbiked.topics import reply_pattern_problem
+
+    for pattern in v:
+        if not isinstance(pattern, str):
+            return "must be a list of topic patterns (strings)"
+        problem = reply_pattern_problem(pattern)
+        if problem:
+            return f"{pattern!r}: {problem}"
+    return None
+
+
 def _host_check(v: str) -> str | None:
     try:
         v.encode("idna")
@@ -121,6 +135,13 @@ _BROKER = (
     Option("reconnect_max", (float,), 16.0, "longest wait between reconnect tries, seconds",
            between(1, 60)),
     Option("client_id", (str,), "", "MQTT client id (default: smartbiked-<bike id>)"),
+    Option("reply_topics", (list,), ["bike/{id}/reply/#"],
+           "where MQTT v5 answers may go: topic patterns ({id} is this bike's id, "
+           "+ and # as in MQTT); a ResponseTopic outside them refuses the command",
+           _reply_patterns_check),
+    Option("max_packet_size", (int,), 4096,
+           "largest MQTT packet the broker may send us, bytes (MQTT v5 Maximum Packet "
+           "Size); bigger commands never reach the bike", between(512, 1048576)),
 )
 _SERVICE = (
     Option("offline_safe_after", (float,), 60.0,
@@ -241,6 +262,8 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
             certfile=broker["certfile"], keyfile=broker["keyfile"],
             keepalive=broker["keepalive"], reconnect_max=broker["reconnect_max"],
             client_id=broker["client_id"] or f"smartbiked-{bike_id}",
+            reply_topics=tuple(p.replace("{id}", bike_id) for p in broker["reply_topics"]),
+            max_packet_size=broker["max_packet_size"],
         ),
         offline_safe_after=service["offline_safe_after"],
         serial=serial,

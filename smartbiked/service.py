@@ -308,6 +308,10 @@ class Service:
             self._answer(reply, body)
 
 
+    def driver_state(self, topic: str, state: str, reason: str | None) -> None:
+        """A driver's state changed (health message; a sensor's status topic)."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartbiked", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=str, default=str(configuration.DEFAULT_PATH),

@@ -207,3 +207,71 @@ def parse_command(
     if problem:
         return Refusal(name, f"{value:g} is {problem}", limits)
     return Command(name, value)
+
+
+# --------------------------------------------------------------------------- replies
+
+#: Bounds on where an MQTT v5 answer may go and what it may carry back.
+MAX_REPLY_TOPIC_BYTES = 256
+MAX_REPLY_LEVELS = 8
+MAX_CORRELATION_BYTES = 64
+#: A reply never lands on a topic ending in one of these: on any bike (or the virtual
+#: world) it would be a command, a reading, an availability or a health message.
+PROTECTED_LEAVES = frozenset({"control", "report", "status", "health", "press", "state"})
+
+
+def _topic_shape_problem(topic: str) -> str | None:
+    """Limits shared by reply topics and the patterns that admit them."""
+    if not topic:
+        return "is empty"
+    if "\0" in topic:
+        return "contains NUL"
+    if topic.startswith("$"):
+        return "is a broker ($) topic"
+    if len(topic.encode("utf-8", "surrogatepass")) > MAX_REPLY_TOPIC_BYTES:
+        return f"is longer than {MAX_REPLY_TOPIC_BYTES} bytes"
+    if topic.count("/") + 1 > MAX_REPLY_LEVELS:
+        return f"has more than {MAX_REPLY_LEVELS} levels"
+    return None
+
+
+def reply_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot be a reply namespace (config ``reply_topics``), or None."""
+    problem = _topic_shape_problem(pattern)
+    if problem:
+        return problem
+    levels = pattern.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "# must be the whole last level"
+        if "+" in level and level != "+":
+            return "+ must be a whole level"
+    return None
+
+
+def reply_topic_problem(topic: str, patterns: tuple[str, ...]) -> str | None:
+    """Why answers must not be published to ``topic``, or None when it is a reply topic.
+
+    ``patterns`` are the bike's reply namespaces (``{id}`` already filled in).
+    """
+    problem = _topic_shape_problem(topic)
+    if problem:
+        return f"ResponseTopic {problem}"
+    if "+" in topic or "#" in topic:
+        return "ResponseTopic must not contain wildcards"
+    if not topic.isprintable():
+        return "ResponseTopic contains control characters"
+    if topic.rsplit("/", 1)[-1] in PROTECTED_LEAVES:
+        return "ResponseTopic must not be a control, report, status or health topic"
+    from paho.mqtt.client import topic_matches_sub
+
+    if not any(topic_matches_sub(p, topic) for p in patterns):
+        return f"ResponseTopic must lie under {' or '.join(patterns)}"
+    return None
+
+
+def correlation_problem(data: bytes | None) -> str | None:
+    """Why CorrelationData cannot be echoed back, or None."""
+    if data is not None and len(data) > MAX_CORRELATION_BYTES:
+        return f"CorrelationData is longer than {MAX_CORRELATION_BYTES} bytes"
+    return None
