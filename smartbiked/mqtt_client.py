@@ -47,6 +47,11 @@ SESSION_TAKEN_OVER = 0x8E
 TAKEOVER_BACKOFF = (5.0, 10.0, 20.0, 40.0, 60.0)
 #: A connection that lasted this long ends a run of takeovers.
 TAKEOVER_RESET_AFTER = 120.0
+#: Brokers before MQTT v5's reason 0x8E (mosquitto 2.0.11 among them) just close the
+#: socket of the client whose session was taken: this many connections in a row that
+#: the broker closed within SHORT_CONNECTION seconds are treated as a takeover too.
+SHORT_RUN = 3
+SHORT_CONNECTION = 30.0
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -143,6 +148,7 @@ class MQTTClient:
         self._topics: dict[str, int] = {}
         self._connect_fails = 0
         self._takeovers = 0
+        self._short_run = 0
         self._connected_at = 0.0
 
     def __repr__(self) -> str:
@@ -289,8 +295,17 @@ class MQTTClient:
         self.connected.clear()
         try:
             if was_connected:
+                lasted = time.monotonic() - self._connected_at
+                if reason_code == 0 or lasted >= SHORT_CONNECTION:
+                    self._short_run = 0
+                else:
+                    self._short_run += 1
                 if getattr(reason_code, "value", reason_code) == SESSION_TAKEN_OVER:
-                    self._taken_over(client)
+                    self._taken_over(client, "session taken over by another client")
+                elif self._short_run >= SHORT_RUN:
+                    self._taken_over(client, f"session taken over? the broker closed the "
+                                     f"last {self._short_run} connections within "
+                                     f"{SHORT_CONNECTION:.0f} s ({reason_code})")
                 else:
                     # Our own disconnect() is routine; anything else is worth a warning.
                     level = logging.INFO if reason_code == 0 else logging.WARNING
@@ -299,7 +314,7 @@ class MQTTClient:
         except Exception:
             log.exception("error in on_disconnect")
 
-    def _taken_over(self, client: mqtt.Client) -> None:
+    def _taken_over(self, client: mqtt.Client, what: str) -> None:
         """Another client took our session: back off instead of taking it back at once."""
         if time.monotonic() - self._connected_at > TAKEOVER_RESET_AFTER:
             self._takeovers = 0
@@ -308,10 +323,9 @@ class MQTTClient:
         delay *= random.uniform(1.0, 1.5)  # two fighting daemons fall out of step
         self.backoff = delay
         client.reconnect_delay_set(int(delay), int(delay))
-        log.error("broker %s:%s: session taken over by another client with the client id "
-                  "%r (a second daemon, or another bike configured with the same bike id?); "
-                  "reconnecting in %.0f s", self.broker_address, self.port,
-                  self.client_id, delay)
+        log.error("broker %s:%s: %s; another client is using the client id %r (a second "
+                  "daemon, or another bike configured with the same bike id?); reconnecting "
+                  "in %.0f s", self.broker_address, self.port, what, self.client_id, delay)
 
     def _read_connack(self, properties: Any) -> None:
         self.broker_max_packet = getattr(properties, "MaximumPacketSize", None)
