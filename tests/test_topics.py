@@ -197,8 +197,15 @@ def test_integers_beyond_float_range_are_refused_in_every_shape(name, number, sh
         assert "finite number" in result.reason, result
 
 
-numeric_text = st.from_regex(
-    r"\A-?[0-9]{1,500}(\.[0-9]{0,20})?([eE][-+]?[0-9]{1,40})?\Z", fullmatch=True)
+#: Number-like payloads of up to 500 digits, with and without fractions and exponents.
+numeric_text = st.builds(
+    lambda sign, digits, fraction, exponent: sign + digits + fraction + exponent,
+    st.sampled_from(["", "-"]),
+    st.integers(0, 10**500).map(str) | st.text("0123456789", min_size=1, max_size=500),
+    st.sampled_from(["", ".", ".5", ".000001"]),
+    st.sampled_from(["", "e0", "e400", "E-400", "e+99999999999999999999"])
+    | st.integers(-10**40, 10**40).map(lambda e: f"e{e}"),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -223,7 +230,9 @@ def test_duplicate_keys_are_refused_at_any_depth(name, pairs, nested):
     _check(result)
     keys = [k for k, _ in pairs]
     if len(set(keys)) < len(keys) and len(body) <= MAX_COMMAND_BYTES:
-        assert isinstance(result, Refusal) and "duplicate key" in result.reason, result
+        assert isinstance(result, Refusal), result
+        if "NaN" not in body and "Infinity" not in body:  # those are refused while parsing
+            assert "duplicate key" in result.reason, result
     elif len(body) <= MAX_COMMAND_BYTES:
         # Without duplicates the text means what its dict means.
         document = json.loads(body)
