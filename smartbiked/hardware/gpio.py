@@ -160,7 +160,8 @@ def _open(what: str, pin: Any, factory: Callable[[], Any]) -> Any:
 
 
 def _pin_option(doc: str) -> Option:
-    return Option("pin", (int, str), doc=doc, check=_pin_problem)
+    return Option("pin", (int, str), doc=f'{doc}: 17, "GPIO17", "BOARD11" or "J8:11"; '
+                  "a pin serves one topic", check=_pin_problem)
 
 
 class GpioDriver:
@@ -200,7 +201,8 @@ class GpioButtons(GpioDriver, EventSource):
     TOPICS = frozenset({"button"})
     OPTIONS = (
         Option("pins", (dict,), {"LEFT": "BOARD11", "RIGHT": "BOARD12", "BRAKE": "BOARD15"},
-               "button name -> pin", _pins_problem),
+               "button name -> pin (named as for `pin`); each pin once, in no other topic",
+               _pins_problem),
         Option("pull_up", (bool,), True, "button connects the pin to ground (internal pull-up)"),
         Option("bounce_time", (float,), 0.02, "seconds of contact bounce to ignore; 0: none",
                at_least(0)),
