@@ -215,8 +215,10 @@ def test_a_stolen_session_is_named_and_backed_off(broker, probe, run_daemon):
         intruder.loop_stop()
 
 
-def test_after_a_flood_the_retained_state_is_the_pin(broker, probe, serve, factory):  # noqa: F811
+def test_after_a_flood_the_retained_state_is_the_pin(make_broker, serve, factory):  # noqa: F811
     """2,000 fan commands, a third of them invalid: the retained report ends equal to the pin."""
+    # The broker must not drop commands for the bike itself (its queue is 1,000 by default).
+    broker = make_broker(extra=["max_queued_messages 10000"])
     serve(bike_config(broker, FAN))
     pin = factory.pin(12)
     app = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
