@@ -401,7 +401,9 @@ class Service:
         """The health message: each topic's driver state, counters, version, uptime."""
         drivers: dict[str, dict[str, str]] = {}
         states = dict(self._drivers)
-        for topic, why in self.bike.failed.items():
+        for topic in list(self.bike.drivers):
+            states.setdefault(topic, ("running", None))
+        for topic, why in list(self.bike.failed.items()):
             states.setdefault(topic, ("failed", why))
         for topic, (state, reason) in sorted(states.items()):
             drivers[topic] = {"state": state, **({"reason": reason} if reason else {})}

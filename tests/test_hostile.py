@@ -17,7 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from smartbiked.topics import reply_topic_problem
-from tests.conftest import bike_config, wait_until
+from tests.conftest import bike_config, retained, wait_until
 from tests.test_daemon import FAN, send
 from tests.test_service import factory, serve  # noqa: F401  (fixtures)
 
@@ -237,21 +237,8 @@ def test_after_a_flood_the_retained_state_is_the_pin(make_broker, serve, factory
         app.loop_stop()
     wait_until(lambda: pin.state == pytest.approx(0.9), 30, "the pin to reach 90 %")
 
-    def retained() -> float | None:
-        reader = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        got: list[float] = []
-        reader.on_message = lambda c, u, m: got.append(json.loads(m.payload)["value"])
-        reader.connect(broker.host, broker.port)
-        reader.subscribe("bike/000001/fan/report", qos=1)
-        reader.loop_start()
-        try:
-            wait_until(lambda: got, 5, "the retained fan report")
-        finally:
-            reader.disconnect()
-            reader.loop_stop()
-        return got[0]
-
-    wait_until(lambda: retained() == 90.0, 30, "the retained fan report to say 90")
+    wait_until(lambda: json.loads(retained(broker, "bike/000001/fan/report").payload)["value"]
+               == 90.0, 30, "the retained fan report to say 90")
     assert pin.state == pytest.approx(0.9)
 
 
