@@ -140,7 +140,11 @@ class Proxy:
                 if not self._up:
                     near.close()  # nobody home: the connect attempt fails
                     continue
-                far = socket.create_connection(self.target, timeout=5)
+                try:
+                    far = socket.create_connection(self.target, timeout=5)
+                except OSError:
+                    near.close()  # the broker itself is down: so is the line
+                    continue
                 far.settimeout(None)
                 self._open += [near, far]
             for src, dst in ((near, far), (far, near)):
