@@ -184,4 +184,4 @@ def test_pings_stop_while_the_mqtt_loop_is_stalled_and_resume_after(
     mark = len(probe.messages)
     online(probe, after=stalled)
     probe.publish("bike/000001/fan/control", "30")
-    assert probe.json("bike/000001/fan/report", after=mark, timeout=20)["value"] == 30.0
+    probe.json("bike/000001/fan/report", lambda d: d["value"] == 30.0, after=mark, timeout=20)
