@@ -250,6 +250,8 @@ def test_nothing_from_an_outage_is_published_late(broker, proxy, probe, serve, f
     # since: the fan going safe is the barrier that readings were taken meanwhile.
     wait_until(lambda: fan.state == 0, 10, "the fan to go safe")
     assert time.monotonic() - cut >= 1.0, "safe before offline_safe_after had passed"
+    left.drive_low()        # ...and again just before the line is back (still fresh then)
+    left.drive_high()
     restored = time.time()
     proxy.restore()
 
