@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from gpiozero import OutputDevice
+from gpiozero import DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from smartbiked import config as configuration
@@ -278,8 +278,8 @@ def test_nothing_from_an_outage_is_published_late(broker, proxy, probe, serve, f
 
 
 def test_a_driver_that_fails_to_start_does_not_stop_the_others(broker, probe, serve, factory):
-    # Something else holds the fan's pin: the config is fine, the fan cannot open.
-    holder = OutputDevice(12, pin_factory=factory)
+    # The config is valid, but something else holds the fan's pin: the fan cannot open.
+    holder = DigitalOutputDevice("GPIO12", pin_factory=factory)
     service = serve(bike_config(broker, BUTTONS_AND_FAN))
     holder.close()
     assert "fan" in service.bike.failed and "button" in service.bike.drivers
