@@ -27,7 +27,7 @@ from typing import Any
 
 try:
     import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 except ImportError as exc:  # Debian's python3-paho-mqtt is 1.6, without CallbackAPIVersion
     raise ImportError(
         "smartbiked needs paho-mqtt 2.x (pip install 'paho-mqtt>=2,<3'); "
@@ -62,6 +62,13 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         pass  # not a TCP socket (websockets, unix): nothing to tune
 
 
+def _set_reconnect_delay(client: mqtt.Client, delay: float) -> None:
+    """Make paho wait ``delay`` seconds before each reconnect attempt (no back-off)."""
+    # paho annotates the delays as int, but only adds them to monotonic() and compares
+    # them: a float works, and the fractional part is the jitter we want.
+    client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+
+
 class _LivenessClient(mqtt.Client):
     """paho's client, safe to publish from several threads, watched, and telling why it failed.
 
@@ -79,15 +86,15 @@ class _LivenessClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self._write_lock = threading.RLock()
 
-    def loop_write(self) -> mqtt.MQTTErrorCode:
+    def loop_write(self) -> MQTTErrorCode:
         with self._write_lock:
             return super().loop_write()
 
-    def loop_misc(self) -> mqtt.MQTTErrorCode:
+    def loop_misc(self) -> MQTTErrorCode:
         self.last_pass = time.monotonic()
         return super().loop_misc()
 
-    def reconnect(self) -> mqtt.MQTTErrorCode:
+    def reconnect(self) -> MQTTErrorCode:
         # paho swallows why a connect failed; keep it so the log can say (TLS, DNS, ...).
         try:
             return super().reconnect()
@@ -323,7 +330,7 @@ class MQTTClient:
         self._takeovers += 1
         delay *= random.uniform(1.0, 1.5)  # two fighting daemons fall out of step
         self.backoff = delay
-        client.reconnect_delay_set(delay, delay)
+        _set_reconnect_delay(client, delay)
         log.error("broker %s:%s: %s; another client is using the client id %r (a second "
                   "daemon, or another bike configured with the same bike id?); reconnecting "
                   "in %.0f s", self.broker_address, self.port, what, self.client_id, delay)
@@ -337,7 +344,7 @@ class MQTTClient:
         """
         if not self.backoff:
             delay = self.reconnect_max * random.uniform(0.5, 1.0)
-            client.reconnect_delay_set(delay, delay)
+            _set_reconnect_delay(client, delay)
 
     def _read_connack(self, properties: Any) -> None:
         self.broker_max_packet = getattr(properties, "MaximumPacketSize", None)
