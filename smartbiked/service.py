@@ -203,7 +203,7 @@ class Service:
 
     def _coalesce_reloads(self) -> int:
         """Take every signal already queued; the last one that is not SIGHUP, or SIGHUP."""
-        result = signal.SIGHUP
+        result: int = signal.SIGHUP
         while True:
             try:
                 signum = self._signals.get_nowait()
@@ -311,7 +311,7 @@ class Service:
             # Retained commands replay on every subscribe: a stale one must not move a motor.
             log.warning("ignoring a retained command on %.80s", msg.topic)
             return
-        result = parse_command(msg.topic, msg.payload, self.config.bike_id, self.limits)
+        result = parse_command(msg.topic, bytes(msg.payload), self.config.bike_id, self.limits)
         reply = Reply.of(msg)
         bad_reply = reply.problem(self.config.broker.reply_topics) if reply else None
         if bad_reply:
@@ -366,8 +366,9 @@ class Service:
     def outcome(self, command: Command, replies: list[Any], value: float | None,
                 error: str | None) -> None:
         """Answer requesters; a failure is also published on the status topic."""
-        if error is not None:
-            self._refuse(Refusal(command.topic, error, self.limits.get(command.topic)), replies)
+        if error is not None or value is None:
+            why = error or "not applied"
+            self._refuse(Refusal(command.topic, why, self.limits.get(command.topic)), replies)
             return
         body = applied_payload(value, time.time(), self.config.device_name)
         for reply in replies:
