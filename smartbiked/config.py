@@ -58,6 +58,8 @@ class BrokerSettings:
     reconnect_max: float
     client_id: str
     reply_topics: tuple[str, ...] = ("bike/{id}/reply/#",)
+    #: Every broker this bike may use, the first being host:port.
+    addresses: tuple[tuple[str, int], ...] = ()
     max_packet_size: int = 4096
 
 
@@ -129,6 +131,36 @@ def _reply_patterns_check(v: list[Any]) -> str | None:
     return None
 
 
+def parse_address(text: str, default_port: int) -> tuple[str, int] | None:
+    """``host``, ``host:port`` or ``[v6]:port`` -> (host, port); None if it is not one."""
+    text = text.strip()
+    host, port = text, default_port
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                return None
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, number = text.partition(":")
+        if not number.isdigit():
+            return None
+        port = int(number)
+    if _host_check(host) or _port_check(port):
+        return None
+    return host, port
+
+
+def _hosts_check(v: list[Any]) -> str | None:
+    for item in v:
+        if not isinstance(item, str) or parse_address(item, 1883) is None:
+            return f"{item!r} is not host, host:port or [address]:port"
+    return None
+
+
 def _host_check(v: str) -> str | None:
     try:
         v.encode("idna")
@@ -146,6 +178,10 @@ _BIKE = (
 _BROKER = (
     Option("host", (str,), "localhost", "broker host name or address", _host_check),
     Option("port", (int,), 1883, "broker port", _port_check),
+    Option("failover_hosts", (list,), [],
+           'more brokers for this bike ("host" or "host:port"; the port defaults to port): '
+           "the bike uses one of host and these, tried in an order shuffled per bike, and "
+           "moves on when one fails", _hosts_check),
     Option("username", (str,), "", "account name; empty for an anonymous broker"),
     Option("password_file", (str,), "", "file holding the password (mode 0600)"),
     Option("password_credential", (str,), DEFAULT_CREDENTIAL,
@@ -306,6 +342,7 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
             client_id=broker["client_id"] or f"smartbiked-{bike_id}",
             reply_topics=tuple(p.replace("{id}", bike_id) for p in broker["reply_topics"]),
             max_packet_size=broker["max_packet_size"],
+            addresses=_addresses(broker),
         ),
         offline_safe_after=service["offline_safe_after"],
         serial=serial,
@@ -386,6 +423,16 @@ def _may_hold_password(env_file: Path) -> bool:
     except OSError:
         return True  # group-readable but not by us: it may
     return re.search(r"^\s*(export\s+)?MQTT_PASSWORD\s*=", text, re.MULTILINE) is not None
+
+
+def _addresses(broker: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """host:port first, then each failover host once (already validated)."""
+    found = [(broker["host"], broker["port"])]
+    for text in broker["failover_hosts"]:
+        address = parse_address(text, broker["port"])
+        if address is not None and address not in found:
+            found.append(address)
+    return tuple(found)
 
 
 def _fullmatch(pattern: str, text: str) -> bool:

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import logging
 import queue
+import random
 import signal
 import sys
 import threading
@@ -64,6 +65,9 @@ HEALTH_MIN_INTERVAL = 2.0
 HEALTH_MAX_INTERVAL = 60.0
 #: How often the log flood guard's summaries are written.
 FLUSH_INTERVAL = 10.0
+#: Retained state (availability, actuators, health) is sent again this often: a broker
+#: may confirm a retained publish it did not keep (a cluster node, a restart).
+STATE_REFRESH = 300.0
 
 
 def health_topic(bike_id: str) -> str:
@@ -93,6 +97,14 @@ class Reply:
                 or correlation_problem(self.correlation))
 
 
+def failover_order(addresses: Sequence[tuple[str, int]], bike_id: str) -> list[tuple[str, int]]:
+    """The bike's own order of its brokers: the same on every start, different per bike,
+    so the bikes of a broker that fails spread over the others."""
+    order = list(addresses) or []
+    random.Random(f"smartbiked-{bike_id}").shuffle(order)
+    return order
+
+
 class BikeConnection(MQTTClient):
     """The daemon's single MQTT connection: the documented client, told about the service."""
 
@@ -105,11 +117,12 @@ class BikeConnection(MQTTClient):
             reconnect_max=broker.reconnect_max,
             will=(availability_topic(cfg.bike_id), LOST),
             max_packet_size=broker.max_packet_size,
+            addresses=failover_order(broker.addresses, cfg.bike_id),
         )
         self.service = service
 
-    def on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
-                   properties: Any) -> None:
+    def on_ready(self) -> None:
+        # Only once the broker granted the control subscription: "online" means listening.
         self.service.connected()
 
     def on_disconnect(self, reason_code: Any) -> None:
@@ -297,13 +310,13 @@ class Service:
         self.outbox.state(availability_topic(self.config.bike_id), ONLINE)
         self.outbox.connected()
         self._health_due.set()
-        notify(f"STATUS=connected to {self.config.broker.host}:{self.config.broker.port}")
+        notify(f"STATUS=connected to {self.client.broker_address}:{self.client.port}")
 
     def disconnected(self) -> None:
         """The connection dropped: paho reconnects; the hardware starts counting."""
         self.bike.offline_since = time.monotonic()
         self.outbox.disconnected()
-        notify(f"STATUS=reconnecting to {self.config.broker.host}:{self.config.broker.port}")
+        notify(f"STATUS=reconnecting to {self.client.broker_address}:{self.client.port}")
 
     def handle_control(self, msg: MQTTMessage) -> None:
         """Parse a control message; refuse it or hand it to the hardware thread."""
@@ -412,9 +425,8 @@ class Service:
         snapshot = getattr(self.bike, "counters_snapshot", None)
         if snapshot is not None:
             counters.update(snapshot())
-        broker = self.config.broker
         return {"version": __version__, "uptime": round(time.monotonic() - self.started, 1),
-                "broker": f"{broker.host}:{broker.port}",
+                "broker": f"{self.client.broker_address}:{self.client.port}",
                 "reconnects": max(0, self.reconnects), "drivers": drivers,
                 "counters": counters, "timestamp": time.time(),
                 "metadata": {"deviceName": self.config.device_name}}
@@ -423,10 +435,14 @@ class Service:
         guard = logs.flood_guard(logging.getLogger().handlers[0]) if (
             logging.getLogger().handlers) else None
         last = -HEALTH_MAX_INTERVAL
+        refreshed = time.monotonic()
         while not self._stopping.is_set():
             due = self._health_due.wait(FLUSH_INTERVAL)
             if guard is not None:
                 guard.flush()
+            if time.monotonic() - refreshed >= STATE_REFRESH:
+                refreshed = time.monotonic()
+                self.outbox.connected()  # every state topic again
             if self._stopping.is_set():
                 return
             if not due and time.monotonic() - last < HEALTH_MAX_INTERVAL:
