@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -48,3 +49,15 @@ def test_run_virtual_bike_shows_values_and_stops_everything_on_term():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_command_latency_bench_runs_without_pytest_or_the_tests():
+    # The bench is a tool for a bike or a laptop without the test tools: it must not
+    # import pytest or tests/, and its first command must not race the daemon's start.
+    blocker = ("import runpy, sys; sys.modules['pytest'] = sys.modules['tests'] = None; "
+               "sys.argv = ['command_latency.py', '20']; "
+               "runpy.run_path('bench/command_latency.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("20 commands: median ") and "daemon RSS:" in done.stdout
