@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import queue
+import re
 import secrets
 import shlex
 import shutil
@@ -817,11 +818,12 @@ def render(board: Board, where: str, connected: bool, now: float, command: str =
         lines.append([(f"last refusal {_age(now - when)} ago: ", ""), (text, "warn")])
     else:
         lines.append([("last refusal: none", "")])
-    if command:
-        lines += [[], [("From another terminal:", "")], [(f"  {command} set incline 5.5", "")]]
+    text = [_emit(line, width, colour) for line in lines]
+    if command:  # whole, even when long: a cut command is no use to copy
+        text += ["", "From another terminal:", f"  {command} set incline 5.5"]
         if board.simulated:
-            lines.append([(f"  {command} press {board.simulated[0]}", "")])
-    return [_emit(line, width, colour) for line in lines]
+            text.append(f"  {command} press {board.simulated[0]}")
+    return text
 
 
 #: ``watch --all``: a column per field, then the health (what room is left).
@@ -885,7 +887,7 @@ def render_all(fleet: Fleet, where: str, connected: bool, now: float, colour: bo
 
 
 def redraw(lines: list[str], previous: int, rows: int) -> str:
-    """Terminal output replacing the last ``previous`` lines drawn with ``lines``.
+    """Terminal output replacing the last ``previous`` rows drawn with ``lines``.
 
     Moves the cursor back up rather than home, so what was printed above the table
     (the run script's instructions) stays on screen; each line is cleared to its end
@@ -898,6 +900,14 @@ def redraw(lines: list[str], previous: int, rows: int) -> str:
     else:
         start = "\x1b[H"  # taller than the terminal: the rows above have scrolled away
     return start + "".join(f"{ln}\x1b[K\n" for ln in lines) + "\x1b[J"
+
+
+_SGR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def screen_rows(lines: list[str], columns: int) -> int:
+    """How many terminal rows ``lines`` take on a terminal ``columns`` wide (long ones wrap)."""
+    return sum(max(1, -(-_columns(_SGR.sub("", line)) // max(1, columns))) for line in lines)
 
 
 def use_colour(out: TextIO, environ: dict[str, str] | None = None) -> bool:
@@ -956,7 +966,7 @@ def cmd_watch(args: argparse.Namespace, target: Target, command: str = "",
                 lines = render(model, where, connected, time.time(), command, colour, width)
             if tty:
                 out.write(redraw(lines, shown, size.lines if size else HEIGHT))
-                shown = len(lines)
+                shown = screen_rows(lines, size.columns if size else WIDTH)
             else:
                 out.write("\n".join(lines) + "\n\n")
             out.flush()
