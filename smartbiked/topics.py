@@ -286,7 +286,7 @@ def _grade_params(document: Any) -> tuple[tuple[str, float], ...]:
             if not low <= number <= high:
                 raise _Unusable(f'"{key}" {number:g} is out of range ({low:g} to {high:g})')
             params.append((key, number))
-    return tuple(params)
+    return tuple(sorted(params))
 
 
 # --------------------------------------------------------------------------- replies

@@ -488,8 +488,8 @@ def _approach(value: float, goal: float, most: float) -> float:
 
 def _on_grid(value: float, limits: Limits) -> float:
     """``value`` clamped to ``limits`` and rounded to their step (what a command may say)."""
-    if limits.step:
-        value = limits.low + round((value - limits.low) / limits.step) * limits.step
+    if limits.step:  # half up, not Python's half to even: steady steps on a slow ramp
+        value = limits.low + math.floor((value - limits.low) / limits.step + 0.5) * limits.step
     return round(min(max(value, limits.low), limits.high), 3)
 
 
