@@ -117,22 +117,30 @@ def ride_calibration(rider: BrakeRider, sensor: str, at: float) -> tuple[tuple, 
     return calibrate(samples, at)
 
 
-@pytest.fixture(scope="module")
-def erg_settings() -> TrainerSettings:
+def spin_bike() -> TrainerSettings:
     """A spin bike (one gear, brake turned by the cranks) calibrated by the procedure."""
     table, exponent = ride_calibration(BrakeRider(100), "cadence", 90.0)
     return TrainerSettings(enabled=True, calibration=table, calibration_exponent=exponent,
                            calibration_sensor="cadence", calibration_at=90.0)
 
 
-@pytest.fixture(scope="module")
-def sim_settings() -> TrainerSettings:
+def geared_bike() -> TrainerSettings:
     """A geared bike with the brake on the wheel, calibrated in top gear at 9 m/s."""
     rider = BrakeRider(101, gears=GEARS)
     rider.gear = GEARS.index(6.0)
     table, exponent = ride_calibration(rider, "speed", 9.0)
     return TrainerSettings(enabled=True, calibration=table, calibration_exponent=exponent,
                            calibration_sensor="speed", calibration_at=9.0, **ROAD)
+
+
+@pytest.fixture(scope="module")
+def erg_settings() -> TrainerSettings:
+    return spin_bike()
+
+
+@pytest.fixture(scope="module")
+def sim_settings() -> TrainerSettings:
+    return geared_bike()
 
 
 def windows(values: list[float], size: int) -> list[float]:
