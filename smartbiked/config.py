@@ -227,7 +227,7 @@ _TRAINER = (
     Option("enabled", (bool,), False,
            "offer target power (ERG, with a [power] sensor) and grade simulation (with a "
            "[speed] sensor) on targetpower/control and grade/control; needs [resistance]"),
-    Option("calibration", (list,), [list(p) for p in DEFAULT_CALIBRATION],
+    Option("calibration", (list,), [[round(p), round(w)] for p, w in DEFAULT_CALIBRATION],
            "resistance % -> braking watts at calibration_at, as rising pairs "
            "(see Calibrating resistance)", _calibration_check),
     Option("calibration_sensor", (str,), "cadence",
@@ -266,7 +266,8 @@ _TRAINER = (
            between(0, 0.05)),
     Option("cda", (float,), 0.32, "drag area CdA in m^2 when a grade command gives none",
            between(0, 2)),
-    Option("air_density", (float,), 1.225, "kg/m^3", between(0.5, 1.5)),
+    Option("air_density", (float,), 1.225, "air density in kg/m^3, for grade simulation",
+           between(0.5, 1.5)),
     Option("grade_gain", (float,), 1.0,
            "the simulated grade is grade * grade_gain + grade_offset (0.5: climbs feel "
            "half as steep)", between(0, 2)),

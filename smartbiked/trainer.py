@@ -260,6 +260,7 @@ class Trainer:
             entering = self.mode != ERG
             self.mode, self.target, self.params = ERG, cmd.value, {}
             self._quiet_since = now
+            self._tilting = False  # the frame stays where the last grade left it
             if entering:
                 self._start(now)
             self._announce_mode()

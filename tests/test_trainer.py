@@ -501,3 +501,18 @@ def test_a_brake_at_its_end_stop_does_not_wind_the_correction_up(erg_settings):
     ride.run(12)
     # Straight back to 180 W: no correction learnt while the brake could do no more.
     assert statistics.fmean(ride.powers(ride.clock.now - 4)) == pytest.approx(180, rel=0.06)
+
+
+def test_target_power_stops_the_grade_tilting_the_frame(sim_settings):
+    rider = BrakeRider(3, gears=GEARS)
+    rider.push(200)
+    ride = Ride(rider, replace(sim_settings, incline_follows_grade=True), tilt=True)
+    ride.trainer.reading("incline", 0.0)
+    ride.run(1)
+    ride.command("grade", 8)
+    ride.run(3)
+    tilted = list(ride.inclines)
+    assert tilted
+    ride.command("targetpower", 200)
+    ride.run(10)
+    assert ride.inclines == tilted
