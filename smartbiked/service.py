@@ -28,9 +28,10 @@ from paho.mqtt.client import MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from smartbiked import __version__, logs, runtime
+from smartbiked import __version__, homeassistant, logs, runtime
 from smartbiked import config as configuration
 from smartbiked.bike import Bike
+from smartbiked.coach import TRAINER_TOPICS, Coach
 from smartbiked.errors import EX_CONFIG, ConfigError
 from smartbiked.hardware import Hardware
 from smartbiked.mqtt_client import MQTTClient
@@ -141,10 +142,11 @@ class Service:
 
     def __init__(self, config: configuration.Config, hardware: Hardware) -> None:
         self.config = config
-        self.limits = config.actuator_limits()
+        self.limits = config.control_limits()
         self.bike = Bike(config, hardware, self)
         self.client = BikeConnection(self)
         self.outbox = Outbox(self.client)
+        self.coach = self._make_coach(config)
         self.started = time.monotonic()
         self.reconnects = -1  # the first connect is not a reconnect
         self.reload_state: runtime.ReloadState | None = None
@@ -154,6 +156,14 @@ class Service:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._exit_status = 0
+
+    def _make_coach(self, config: configuration.Config) -> Coach | None:
+        return Coach.create(config, lambda command: self.bike.submit(command, None),
+                            self.outbox.state)
+
+    def _offline_too_long(self) -> bool:
+        since = self.bike.offline_since
+        return since is not None and time.monotonic() - since >= self.config.offline_safe_after
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -173,6 +183,9 @@ class Service:
             log.warning("%s", warning)
         self.client.setup_mqtt_client()
         self.client.subscribe(control_filter(cfg.bike_id))
+        if cfg.homeassistant.enabled:
+            self.client.subscribe(homeassistant.status_topic(cfg.homeassistant))
+            self._announce_to_homeassistant()
         self.outbox.start()
         self.bike.offline_since = time.monotonic()
         self.bike.start()
@@ -182,6 +195,8 @@ class Service:
         for target, name in ((self._handle_signals, "signals"), (self._watchdog, "watchdog"),
                              (self._housekeeping, "housekeeping")):
             threading.Thread(target=target, name=name, daemon=True).start()
+        if self.coach is not None:
+            self.coach.start(self._offline_too_long)
         try:
             self.client.loop_forever()
         except Exception:
@@ -229,6 +244,9 @@ class Service:
         """Actuators to safe values, say offline, disconnect: loop_forever then returns."""
         notify("STOPPING=1", "STATUS=stopping: actuators to safe values")
         self._stopping.set()
+        if self.coach is not None:
+            self.coach.release("stopping")
+            self.coach.stop()
         if not self.bike.stop():
             log.error("the hardware thread did not finish: actuators may not be safe")
             self._exit_status = 1
@@ -271,8 +289,14 @@ class Service:
         if new == old:
             log.info("reloaded %s: nothing changed", new.path)
             return True, "configuration reloaded", "nothing changed"
+        if self.coach is not None:
+            self.coach.release("configuration reloaded")
+            self.coach.stop()
         self.config = new
-        self.limits = new.actuator_limits()
+        self.limits = new.control_limits()
+        self.coach = self._make_coach(new)
+        if self.coach is not None:
+            self.coach.start(self._offline_too_long)
         if self.bike.reload(new) is False:
             log.error("the hardware thread did not apply the new configuration in time")
             return False, "reload not confirmed", "the hardware thread did not answer in time"
@@ -320,6 +344,11 @@ class Service:
 
     def handle_control(self, msg: MQTTMessage) -> None:
         """Parse a control message; refuse it or hand it to the hardware thread."""
+        ha = self.config.homeassistant
+        if ha.enabled and msg.topic == homeassistant.status_topic(ha):
+            if bytes(msg.payload) == b"online":  # Home Assistant restarted: tell it again
+                self._announce_to_homeassistant()
+            return
         if msg.retain:
             # Retained commands replay on every subscribe: a stale one must not move a motor.
             log.warning("ignoring a retained command on %.80s", msg.topic)
@@ -335,8 +364,30 @@ class Service:
                 result = Refusal(result.topic, bad_reply, self.limits.get(result.topic))
         if isinstance(result, Refusal):
             self._refuse(result, [reply] if reply else [])
+        elif result.topic in TRAINER_TOPICS:
+            self._coach_command(result, reply)
         else:
+            if self.coach is not None:
+                self.coach.app_command(result)
             self.bike.submit(result, reply)
+
+    def _coach_command(self, command: Command, reply: Reply | None) -> None:
+        why = (self.coach.command(command) if self.coach is not None
+               else "this bike has no trainer ([trainer] enabled = false)")
+        replies = [reply] if reply else []
+        if why is not None:
+            self._refuse(Refusal(command.topic, why, self.limits.get(command.topic)), replies)
+            return
+        body = applied_payload(command.value, time.time(), self.config.device_name)
+        for each in replies:
+            self._answer(each, body)
+
+    def _announce_to_homeassistant(self) -> None:
+        """MQTT discovery for Home Assistant: retained, and sent again after reconnects."""
+        for topic in homeassistant.stale_topics(self.config):
+            self.outbox.state(topic, b"")
+        for topic, payload in homeassistant.discovery(self.config):
+            self.outbox.state(topic, payload)
 
     def _refuse(self, refusal: Refusal, replies: list[Reply]) -> None:
         # The topic level comes from the sender: only a short prefix is logged.
@@ -360,6 +411,8 @@ class Service:
 
     def report(self, topic: str, value: float, *, sensor: bool) -> None:
         """Publish a value on the topic's report sub-topic."""
+        if self.coach is not None:
+            self.coach.reading(topic, value)
         body = report_payload(value, TOPICS[topic].unit, time.time(), self.config.device_name)
         where = topic_path(self.config.bike_id, topic, "report")
         if sensor:
