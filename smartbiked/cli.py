@@ -280,7 +280,7 @@ def decode(payload: bytes) -> Any:
 def _json(msg: MQTTMessage) -> Any:
     """The document in a message, or None when it is not a usable one."""
     try:
-        return decode(msg.payload)
+        return decode(bytes(msg.payload))
     except _Bad:
         return None
 
@@ -609,7 +609,7 @@ class Board:
             self.availability = (text if text in ("online", "offline", "lost")
                                  else f"bad status '{clean(text, 24)}'")
         elif len(parts) == 3 and parts[2] == "health":
-            self.health = parse_health(msg.payload)
+            self.health = parse_health(bytes(msg.payload))
             self.states = dict(self.health.drivers)  # the daemon's whole picture, now
         elif len(parts) == 4 and parts[3] in ("report", "status"):
             name = parts[2]
@@ -618,9 +618,9 @@ class Board:
                     self.unknown.add(clean(name, 20))
                 return
             if parts[3] == "report":
-                self._report(name, msg.payload, now)
+                self._report(name, bytes(msg.payload), now)
             else:
-                self._status(name, msg.payload, now)
+                self._status(name, bytes(msg.payload), now)
 
     def _report(self, topic: str, payload: bytes, now: float) -> None:
         try:
@@ -818,12 +818,12 @@ def render(board: Board, where: str, connected: bool, now: float, command: str =
         lines.append([(f"last refusal {_age(now - when)} ago: ", ""), (text, "warn")])
     else:
         lines.append([("last refusal: none", "")])
-    text = [_emit(line, width, colour) for line in lines]
+    rendered = [_emit(line, width, colour) for line in lines]
     if command:  # whole, even when long: a cut command is no use to copy
-        text += ["", "From another terminal:", f"  {command} set incline 5.5"]
+        rendered += ["", "From another terminal:", f"  {command} set incline 5.5"]
         if board.simulated:
-            text.append(f"  {command} press {board.simulated[0]}")
-    return text
+            rendered.append(f"  {command} press {board.simulated[0]}")
+    return rendered
 
 
 #: ``watch --all``: a column per field, then the health (what room is left).

@@ -695,7 +695,7 @@ def _driver_table(topic: str, raw: Any, serial: Mapping[str, Any],
             check.add(topic, key, problem, options.get(key))
     if issubclass(cls, Actuator):
         _actuator_limits(topic, options, check)
-    return DriverSettings(topic, kind, options)
+    return DriverSettings(topic, cls.KIND, options)
 
 
 def _actuator_limits(topic: str, options: dict[str, Any], check: _Checker) -> None:

@@ -286,7 +286,7 @@ class Brake:
         """Braking power in W at ``resistance`` percent with the wheel at ``speed`` m/s."""
         share = max(0.0, min(100.0, resistance)) / 100.0
         at_reference = self.idle + (self.full - self.idle) * share ** self.shape
-        return at_reference * (max(speed, 0.0) / self.reference_speed) ** self.exponent
+        return float(at_reference * (max(speed, 0.0) / self.reference_speed) ** self.exponent)
 
 
 class BrakeRider:

@@ -386,7 +386,7 @@ class Trainer:
             return 1.0
         value = self._speed if s.calibration_sensor == "speed" and self._speed else r.value
         share = max(value / s.calibration_at, floor, 0.05)
-        return share ** s.calibration_exponent
+        return float(share ** s.calibration_exponent)
 
     def _erg_goal(self, now: float, dt: float) -> float:
         s = self.settings
