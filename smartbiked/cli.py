@@ -217,9 +217,9 @@ def refusal_text(topic: str, body: dict[str, Any]) -> str:
     return text
 
 
-def _reply_topic() -> tuple[str, bytes]:
+def _reply_topic(bike_id: str) -> tuple[str, bytes]:
     token = uuid.uuid4().hex
-    return f"smartbike/reply/{token}", token.encode()
+    return f"bike/{bike_id}/reply/{token}", token.encode()
 
 
 # --------------------------------------------------------------------------- set
@@ -227,7 +227,7 @@ def _reply_topic() -> tuple[str, bytes]:
 
 def cmd_set(args: argparse.Namespace, target: Target) -> int:
     """Send one command and wait for the bike's answer."""
-    reply_topic, correlation = _reply_topic()
+    reply_topic, correlation = _reply_topic(target.bike_id)
     session = Session(target)
     # Subscribed before connecting: the broker handles our SUBSCRIBE before the request,
     # so the answer cannot overtake the subscription.
@@ -266,7 +266,7 @@ def cmd_set(args: argparse.Namespace, target: Target) -> int:
 
 def cmd_press(args: argparse.Namespace, target: Target) -> int:
     """Ask a simulated bike's virtual hand to press a button; wait for the bike's report."""
-    reply_topic, correlation = _reply_topic()
+    reply_topic, correlation = _reply_topic(target.bike_id)
     report_topic = topic_path(target.bike_id, "button", "report")
     session = Session(target)
     session.subscribe(reply_topic)

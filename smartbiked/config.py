@@ -4,15 +4,22 @@ Every problem names the file, the table, the key, what is wrong and the value fo
 (never a secret), and all problems are reported together in one :class:`ConfigError`.
 The old drivers' environment variables (``MQTT_HOSTNAME``, ``MQTT_PORT``,
 ``MQTT_USERNAME``, ``MQTT_PASSWORD``, ``DEVICE_ID``) override the file.
+
+A value is echoed in an error only when its key is a known, non-secret key: a
+misspelt ``pasword = "..."`` is named, its value never shown. Risky but working
+settings (a password sent in clear, a secret file others can read) are not errors:
+they are listed in :attr:`Config.warnings`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
 import socket
 import ssl
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,11 +29,15 @@ from typing import Any
 from smartbiked.errors import ConfigError, ConfigProblem
 from smartbiked.hardware import DRIVERS, Actuator, Option, SerialBoard
 from smartbiked.hardware.base import REQUIRED, at_least, between, regex
+from smartbiked.hardware.gpio import GpioDriver, PinPlace, resolve_pin
 from smartbiked.topics import TOPICS, Limits
 
 DEFAULT_PATH = Path("/etc/smartbiked/smartbike.toml")
 #: The file name looked up in systemd's $CREDENTIALS_DIRECTORY (LoadCredential=).
 DEFAULT_CREDENTIAL = "mqtt-password"
+#: The unit's EnvironmentFile=: bikes moved from the old scripts keep MQTT_PASSWORD
+#: there, so its mode is checked at load (a parameter of :func:`load` for tests).
+ENV_FILE = Path("/etc/smartbiked/env")
 
 _FORBIDDEN_IN_ID = re.compile(r"[+#/\s]")
 
@@ -70,6 +81,9 @@ class Config:
     offline_safe_after: float
     serial: Mapping[str, Mapping[str, Any]]
     drivers: tuple[DriverSettings, ...]
+    #: Risky settings that still work (never a secret in the text): printed by
+    #: --check-config and logged at start-up.
+    warnings: tuple[str, ...] = ()
 
     def actuator_limits(self) -> dict[str, Limits]:
         """The limits of every actuator this bike has, by topic."""
@@ -85,8 +99,17 @@ def _looks_secret(key: str) -> bool:
     return re.search(r"pass|secret|token|credential", key, re.IGNORECASE) is not None
 
 
+def _type_name(value: Any) -> str:
+    """What a TOML value is, for errors about a value that is not echoed."""
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), "a date or time")
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # a table nested thousands deep (TOML dotted keys)
+        return "a value nested too deeply to show"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -178,7 +201,7 @@ class _Checker:
         """Validate one table against its options; return the values with defaults filled."""
         opts = options if isinstance(options, dict) else {o.name: o for o in options}
         if not isinstance(raw, dict):
-            self.add(name, "", "must be a table", raw)
+            self.add(name, "", f"must be a table, not {_type_name(raw)}")
             return {}
         out: dict[str, Any] = {}
         for key, value in raw.items():
@@ -186,8 +209,9 @@ class _Checker:
                 continue
             opt = opts.get(key)
             if opt is None:
+                # Never echo it: a misspelt secret (pasword, pw) looks like any other key.
                 self.add(name, key, f"unknown key; known keys: {', '.join(sorted(opts))}",
-                         value, secret=_looks_secret(key))
+                         secret=True)
                 continue
             problem = opt.validate(value)
             if problem:
@@ -203,18 +227,32 @@ class _Checker:
         return out
 
 
-def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate ``path``; raise :class:`ConfigError` listing every problem."""
+def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = None,
+         env_file: Path | None = None) -> Config:
+    """Read and validate ``path``; raise :class:`ConfigError` listing every problem.
+
+    ``env_file`` is the unit's EnvironmentFile, checked for its mode only (default
+    :data:`ENV_FILE`); systemd, not this loader, puts its variables in ``environ``.
+    """
     path = Path(path)
     env = os.environ if environ is None else environ
     check = _Checker(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        check.add("", "", "missing: there is no config file here; name the bike's file with "
+                  "--config FILE, or run a virtual bike with --simulate --config "
+                  "config/smartbike.toml")
+        raise ConfigError(check.problems) from None
     except OSError as exc:
         check.add("", "", f"cannot read the file: {exc.strerror or exc}")
         raise ConfigError(check.problems) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         check.add("", "", f"not valid TOML: {exc}")
+        raise ConfigError(check.problems) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively: a = [[[[...
+        check.add("", "", "not valid TOML: arrays or tables nested too deeply")
         raise ConfigError(check.problems) from None
 
     _apply_env(raw, env, check)
@@ -242,7 +280,7 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
 
     broker = check.table("broker", raw.get("broker", {}), _BROKER)
     service = check.table("service", raw.get("service", {}), _SERVICE)
-    password = _password(broker, env, check) if broker else ""
+    password, password_from = _password(broker, env, check) if broker else ("", None)
     _check_tls(broker, check)
 
     serial = _serial_tables(raw.get("serial", {}), check)
@@ -250,8 +288,11 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
         d for name in TOPICS if name in raw
         if (d := _driver_table(name, raw[name], serial, check)) is not None
     )
+    _shared_pins(sorted(drivers, key=lambda d: list(raw).index(d.topic)), check)
     if check.problems:
         raise ConfigError(check.problems)
+    warnings = _warnings(broker, password, password_from,
+                         ENV_FILE if env_file is None else env_file)
     return Config(
         path=path,
         bike_id=bike_id,
@@ -268,7 +309,82 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
         offline_safe_after=service["offline_safe_after"],
         serial=serial,
         drivers=drivers,
+        warnings=tuple(warnings),
     )
+
+
+def _shared_pins(drivers: list[DriverSettings], check: _Checker) -> None:
+    """One physical pin for one device: a second one on it fails to open at start-up.
+
+    ``drivers`` come in file order, so the later table is the one blamed.
+    """
+    used: dict[PinPlace, tuple[str, str]] = {}
+    for driver in drivers:
+        cls = DRIVERS[driver.kind]
+        if not issubclass(cls, GpioDriver):
+            continue
+        for key, spec in cls.pins(driver.options):
+            try:
+                place = resolve_pin(spec)
+            except ValueError:
+                continue  # already reported against the key itself
+            if place not in used:
+                used[place] = (driver.topic, key)
+            elif used[place][0] != driver.topic:  # within one table the driver's check said so
+                topic, first = used[place]
+                check.add(driver.topic, key, f"{place} is already used by [{topic}] {first}",
+                          spec)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine without asking DNS (a name may resolve anywhere)."""
+    name = host.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        address = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def _readable_by_others(path: Path) -> str | None:
+    """"group", "others" or "group and others" when they may read ``path``; None otherwise."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    who = [name for bit, name in ((stat.S_IRGRP, "group"), (stat.S_IROTH, "others"))
+           if mode & bit]
+    return " and ".join(who) or None
+
+
+def _warnings(broker: Mapping[str, Any], password: str, password_from: Path | None,
+              env_file: Path) -> list[str]:
+    """Settings that work but put the broker password at risk. Never contains the secret."""
+    out = []
+    if password and not broker["tls"] and not _is_loopback(broker["host"]):
+        out.append(f"[broker] the password goes to {broker['host']}:{broker['port']} "
+                   "without TLS, readable on the network: set tls = true (and a TLS port)")
+    if password_from is not None and (who := _readable_by_others(password_from)):
+        out.append(f"the password file {password_from} is readable by {who} "
+                   f"(mode {stat.S_IMODE(password_from.stat().st_mode):04o}): "
+                   f"chmod 600 {password_from}")
+    if (who := _readable_by_others(env_file)) and _may_hold_password(env_file):
+        out.append(f"{env_file} is readable by {who} "
+                   f"(mode {stat.S_IMODE(env_file.stat().st_mode):04o}) and may hold "
+                   f"MQTT_PASSWORD: chmod 600 {env_file}")
+    return out
+
+
+def _may_hold_password(env_file: Path) -> bool:
+    # Only the variable's name is looked for; the file's values are never kept.
+    try:
+        text = env_file.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True  # group-readable but not by us: it may
+    return re.search(r"^\s*(export\s+)?MQTT_PASSWORD\s*=", text, re.MULTILINE) is not None
 
 
 def _fullmatch(pattern: str, text: str) -> bool:
@@ -319,10 +435,12 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str], check: _Checker) -> 
             check.from_env[table, key] = var
 
 
-def _password(broker: dict[str, Any], env: Mapping[str, str], check: _Checker) -> str:
-    """The password from MQTT_PASSWORD, password_file or $CREDENTIALS_DIRECTORY, in that order."""
+def _password(broker: dict[str, Any], env: Mapping[str, str],
+              check: _Checker) -> tuple[str, Path | None]:
+    """The password from MQTT_PASSWORD, password_file or $CREDENTIALS_DIRECTORY, in that
+    order, and the file it came from (None for the variable or no password)."""
     if "MQTT_PASSWORD" in env:
-        return env["MQTT_PASSWORD"]
+        return env["MQTT_PASSWORD"], None
     candidates: list[tuple[str, str]] = []
     if broker.get("password_file"):
         candidates.append(("password_file", broker["password_file"]))
@@ -332,16 +450,16 @@ def _password(broker: dict[str, Any], env: Mapping[str, str], check: _Checker) -
             candidates.append(("password_credential", str(cred)))
     for key, file in candidates:
         try:
-            return Path(file).read_text(encoding="utf-8").rstrip("\r\n")
+            return Path(file).read_text(encoding="utf-8").rstrip("\r\n"), Path(file)
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or "not UTF-8 text"
             check.add("broker", key, f"cannot read the password file: {reason}", file)
-    return ""
+    return "", None
 
 
 def _serial_tables(raw: Any, check: _Checker) -> dict[str, dict[str, Any]]:
     if not isinstance(raw, dict):
-        check.add("serial", "", "must be a table of boards: [serial.NAME]", raw)
+        check.add("serial", "", f"must be a table of boards: [serial.NAME], not {_type_name(raw)}")
         return {}
     return {name: check.table(f"serial.{name}", table, SerialBoard.OPTIONS)
             for name, table in raw.items()}
@@ -350,7 +468,7 @@ def _serial_tables(raw: Any, check: _Checker) -> dict[str, dict[str, Any]]:
 def _driver_table(topic: str, raw: Any, serial: Mapping[str, Any],
                   check: _Checker) -> DriverSettings | None:
     if not isinstance(raw, dict):
-        check.add(topic, "", "must be a table", raw)
+        check.add(topic, "", f"must be a table, not {_type_name(raw)}")
         return None
     kind = raw.get("driver")
     cls = DRIVERS.get(kind) if isinstance(kind, str) else None
@@ -374,12 +492,19 @@ def _driver_table(topic: str, raw: Any, serial: Mapping[str, Any],
 def _actuator_limits(topic: str, options: dict[str, Any], check: _Checker) -> None:
     """Fill min/max/step/safe from the topic's documented values; allow narrowing only."""
     spec = TOPICS[topic]
+    given = {key for key in ("min", "max") if options.get(key) is not None}
     for key, default in (("min", spec.low), ("max", spec.high), ("step", spec.step)):
         if options.get(key) is None:
             options[key] = float(default)
-    if not spec.low <= options["min"] < options["max"] <= spec.high:
-        check.add(topic, "min", f"min and max must satisfy {spec.low:g} <= min < max <= "
-                  f"{spec.high:g}", (options["min"], options["max"]))
+    rule = f"min and max must satisfy {spec.low:g} <= min < max <= {spec.high:g}"
+    # Each bound outside the topic's range is reported under its own key.
+    outside = [key for key in ("min", "max") if not spec.low <= options[key] <= spec.high]
+    for key in outside:
+        check.add(topic, key, rule, options[key])
+    if not outside and options["min"] >= options["max"]:
+        # Blame the bound the file set; with both set, max (it is the one below min).
+        key = "min" if given == {"min"} else "max"
+        check.add(topic, key, rule, options[key])
     safe = options.get("safe")
     if safe is None:
         options["safe"] = "hold" if spec.safe is None else float(spec.safe)

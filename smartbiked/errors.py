@@ -23,8 +23,11 @@ class ConfigProblem:
     found: str | None = None  # already rendered; None when it is a secret or absent
 
     def __str__(self) -> str:
-        where = f"[{self.table}] {self.key}" if self.table else self.key
-        text = f"{self.file}: {where}: {self.problem}"
+        # A problem with the whole file (unreadable, not TOML) has no table or key:
+        # leave the place out rather than print an empty "file: : ...".
+        where = " ".join(part for part in (f"[{self.table}]" if self.table else "", self.key)
+                         if part)
+        text = f"{self.file}: {where}: {self.problem}" if where else f"{self.file}: {self.problem}"
         return f"{text} (found {self.found})" if self.found is not None else text
 
 
@@ -34,6 +37,12 @@ class ConfigError(SmartbikeError):
     def __init__(self, problems: list[ConfigProblem]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+    @property
+    def headline(self) -> str:
+        """``invalid configuration (1 problem)`` or ``(N problems)``: the line before the list."""
+        count = len(self.problems)
+        return f"invalid configuration ({count} problem{'' if count == 1 else 's'})"
 
 
 class HardwareError(SmartbikeError):

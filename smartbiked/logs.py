@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +29,59 @@ class _BikeField(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.BIKE_ID = self.bike_id
         return True
+
+
+class FloodGuard(logging.Filter):
+    """Lets at most ``burst`` records of one kind through per ``window`` seconds.
+
+    A kind is the logger, level and message template: 100,000 refusals are one kind, so
+    they cannot bury a real problem or make journald suppress everything. What was held
+    back is counted and said later, in the next record of that kind or by :meth:`flush`.
+    """
+
+    def __init__(self, burst: int = 5, window: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window = window
+        self.clock = clock
+        self._lock = threading.Lock()
+        # kind -> [window start, records let through, records held back]
+        self._kinds: dict[tuple[str, int, str], list[Any]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = (record.name, record.levelno, str(record.msg))
+        now = self.clock()
+        with self._lock:
+            entry = self._kinds.get(kind)
+            if entry is None or now - entry[0] >= self.window:
+                held = entry[2] if entry else 0
+                self._kinds[kind] = [now, 1, 0]
+                if held:
+                    record.msg = (f"{record.getMessage()} ({held} similar message(s) "
+                                  f"suppressed before this one)")
+                    record.args = None
+                return True
+            if entry[1] < self.burst:
+                entry[1] += 1
+                return True
+            entry[2] += 1
+            return False
+
+    def flush(self) -> None:
+        """Say how many records each kind held back in a window that has ended."""
+        now = self.clock()
+        summaries = []
+        with self._lock:
+            for kind, entry in list(self._kinds.items()):
+                if now - entry[0] >= self.window:
+                    del self._kinds[kind]
+                    if entry[2]:
+                        summaries.append((kind, entry[2]))
+        for (name, level, template), held in summaries:
+            logging.getLogger(name).log(
+                level, "%d more message(s) like %.80r suppressed in %.0f s", held, template,
+                self.window)
 
 
 class _StderrFormatter(logging.Formatter):
@@ -74,6 +129,7 @@ def setup(bike_id: str = "", level: int = logging.INFO, use_journal: bool | None
         # journald adds its own timestamps; a terminal wants them.
         handler.setFormatter(_StderrFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_BikeField(bike_id))
+    handler.addFilter(FloodGuard())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -82,6 +138,11 @@ def setup(bike_id: str = "", level: int = logging.INFO, use_journal: bool | None
     # paho logs through its own logger only when asked; keep third-party chatter down.
     logging.getLogger("gpiozero").setLevel(logging.WARNING)
     return handler
+
+
+def flood_guard(handler: logging.Handler) -> FloodGuard | None:
+    """The handler's flood guard, to flush its summaries periodically."""
+    return next((f for f in handler.filters if isinstance(f, FloodGuard)), None)
 
 
 def set_bike_id(handler: logging.Handler, bike_id: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import socket
 import threading
 import time
@@ -32,12 +33,25 @@ except ImportError as exc:  # Debian's python3-paho-mqtt is 1.6, without Callbac
         "smartbiked needs paho-mqtt 2.x (pip install 'paho-mqtt>=2,<3'); "
         "the installed paho-mqtt is older"
     ) from exc
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 log = logging.getLogger("smartbiked.mqtt")
 
 #: Messages kept for sending while the broker is away; past this paho drops new ones.
 MAX_QUEUED = 1000
+#: MQTT v5 reason code "Session taken over": another client connected with our client id.
+SESSION_TAKEN_OVER = 0x8E
+#: Waits before reconnecting after successive takeovers, seconds (then jittered): a
+#: duplicate daemon must not be knocked off once a second forever, and neither must we.
+TAKEOVER_BACKOFF = (5.0, 10.0, 20.0, 40.0, 60.0)
+#: A connection that lasted this long ends a run of takeovers.
+TAKEOVER_RESET_AFTER = 120.0
+#: Brokers before MQTT v5's reason 0x8E (mosquitto 2.0.11 among them) just close the
+#: socket of the client whose session was taken: this many connections in a row that
+#: the broker closed within SHORT_CONNECTION seconds are treated as a takeover too.
+SHORT_RUN = 3
+SHORT_CONNECTION = 30.0
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -104,6 +118,7 @@ class MQTTClient:
         keyfile: str | None = None,
         reconnect_max: float = 16.0,
         will: tuple[str, str] | None = None,
+        max_packet_size: int | None = None,
     ) -> None:
         self.broker_address = broker_address
         self.username = username
@@ -117,12 +132,24 @@ class MQTTClient:
         self.keyfile = keyfile or None
         self.reconnect_max = reconnect_max
         self.will = will
+        #: The largest packet we accept (MQTT v5 Maximum Packet Size, sent in CONNECT):
+        #: the broker drops bigger messages instead of delivering them. None: no limit.
+        self.max_packet_size = max_packet_size
+        #: What the broker accepts from us (its CONNACK), None when it states no limit.
+        self.broker_max_packet: int | None = None
+        #: How many unacknowledged QoS 1 messages the broker takes at once (CONNACK).
+        self.broker_receive_max = 20
+        #: Seconds of reconnect back-off imposed after a session takeover (0: none).
+        self.backoff = 0.0
         self.client: _LivenessClient | None = None
         self.connected = threading.Event()
         #: The broker's reason for refusing the latest connect (bad login...), or None.
         self.refused: str | None = None
         self._topics: dict[str, int] = {}
         self._connect_fails = 0
+        self._takeovers = 0
+        self._short_run = 0
+        self._connected_at = 0.0
 
     def __repr__(self) -> str:
         return f"<MQTTClient {self.username or 'anonymous'}@{self.broker_address}:{self.port}>"
@@ -149,8 +176,13 @@ class MQTTClient:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_subscribe
+        client.on_publish = self._handle_publish
         client.on_socket_open = _no_delay
-        client.connect_async(self.broker_address, self.port, self.keepalive)
+        props = None
+        if self.max_packet_size:
+            props = Properties(PacketTypes.CONNECT)
+            props.MaximumPacketSize = self.max_packet_size
+        client.connect_async(self.broker_address, self.port, self.keepalive, properties=props)
         self.client = client
 
     def subscribe(self, topic_name: str, qos: int = 1) -> None:
@@ -186,6 +218,9 @@ class MQTTClient:
 
     def on_disconnect(self, reason_code: Any) -> None:
         """Called when an established connection is lost or closed."""
+
+    def on_publish(self, mid: int, reason_code: Any) -> None:
+        """Called when the broker acknowledged the QoS 1 message ``mid`` (from the loop)."""
 
     def loop_forever(self) -> None:
         """Run the network loop in this thread until :meth:`disconnect`; reconnects as needed."""
@@ -224,6 +259,7 @@ class MQTTClient:
                         reason_code: Any, properties: Any) -> None:
         self._paho().last_pass = time.monotonic()
         try:
+            self._read_connack(properties)
             if reason_code.is_failure:
                 # A refused login or certificate shows up as endless reconnects: say why.
                 self.refused = str(reason_code)
@@ -231,6 +267,10 @@ class MQTTClient:
                           self.broker_address, self.port, reason_code)
                 return
             self._connect_fails = 0
+            self._connected_at = time.monotonic()
+            if self.backoff:
+                self.backoff = 0.0
+                client.reconnect_delay_set(1, max(1, int(self.reconnect_max)))
             for topic, qos in self._topics.items():
                 client.subscribe(topic, qos)
             self.connected.set()
@@ -255,12 +295,48 @@ class MQTTClient:
         self.connected.clear()
         try:
             if was_connected:
-                # Our own disconnect() is routine; anything else is worth a warning.
-                level = logging.INFO if reason_code == 0 else logging.WARNING
-                log.log(level, "disconnected from broker: %s", reason_code)
+                lasted = time.monotonic() - self._connected_at
+                if reason_code == 0 or lasted >= SHORT_CONNECTION:
+                    self._short_run = 0
+                else:
+                    self._short_run += 1
+                if getattr(reason_code, "value", reason_code) == SESSION_TAKEN_OVER:
+                    self._taken_over(client, "session taken over by another client")
+                elif self._short_run >= SHORT_RUN:
+                    self._taken_over(client, f"session taken over? the broker closed the "
+                                     f"last {self._short_run} connections within "
+                                     f"{SHORT_CONNECTION:.0f} s ({reason_code})")
+                else:
+                    # Our own disconnect() is routine; anything else is worth a warning.
+                    level = logging.INFO if reason_code == 0 else logging.WARNING
+                    log.log(level, "disconnected from broker: %s", reason_code)
                 self.on_disconnect(reason_code)
         except Exception:
             log.exception("error in on_disconnect")
+
+    def _taken_over(self, client: mqtt.Client, what: str) -> None:
+        """Another client took our session: back off instead of taking it back at once."""
+        if time.monotonic() - self._connected_at > TAKEOVER_RESET_AFTER:
+            self._takeovers = 0
+        delay = TAKEOVER_BACKOFF[min(self._takeovers, len(TAKEOVER_BACKOFF) - 1)]
+        self._takeovers += 1
+        delay *= random.uniform(1.0, 1.5)  # two fighting daemons fall out of step
+        self.backoff = delay
+        client.reconnect_delay_set(int(delay), int(delay))
+        log.error("broker %s:%s: %s; another client is using the client id %r (a second "
+                  "daemon, or another bike configured with the same bike id?); reconnecting "
+                  "in %.0f s", self.broker_address, self.port, what, self.client_id, delay)
+
+    def _read_connack(self, properties: Any) -> None:
+        self.broker_max_packet = getattr(properties, "MaximumPacketSize", None)
+        self.broker_receive_max = getattr(properties, "ReceiveMaximum", 20) or 20
+
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int,
+                        reason_code: Any, properties: Any) -> None:
+        try:
+            self.on_publish(mid, reason_code)
+        except Exception:
+            log.exception("error in on_publish")
 
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                           reason_codes: Any, properties: Any) -> None:

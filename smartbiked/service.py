@@ -2,9 +2,11 @@
 
 Threads: the main thread runs paho's ``loop_forever`` (every MQTT callback runs
 there); the ``hardware`` thread (:class:`smartbiked.bike.Bike`) owns every pin and
-port; a ``signals`` thread turns SIGTERM/SIGINT/SIGHUP into a clean stop or a
-reload (paho must not be called from a signal handler); a ``watchdog`` thread pings
-systemd only while both loops show life.
+port; the ``outbox`` thread (:class:`smartbiked.outbox.Outbox`) is the only one that
+hands messages to paho; a ``signals`` thread turns SIGTERM/SIGINT/SIGHUP into a clean
+stop or a reload (paho must not be called from a signal handler); a ``watchdog``
+thread pings systemd only while both loops show life; a ``housekeeping`` thread
+publishes the health message and the log flood guard's summaries.
 """
 
 from __future__ import annotations
@@ -19,19 +21,20 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 from paho.mqtt.client import MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from smartbiked import __version__, logs, runtime
 from smartbiked import config as configuration
-from smartbiked import logs
 from smartbiked.bike import Bike
 from smartbiked.errors import EX_CONFIG, ConfigError
 from smartbiked.hardware import Hardware
 from smartbiked.mqtt_client import MQTTClient
 from smartbiked.notify import notify, watchdog_period
+from smartbiked.outbox import Outbox
 from smartbiked.topics import (
     TOPICS,
     Command,
@@ -39,7 +42,9 @@ from smartbiked.topics import (
     applied_payload,
     availability_topic,
     control_filter,
+    correlation_problem,
     parse_command,
+    reply_topic_problem,
     report_payload,
     topic_path,
 )
@@ -53,6 +58,17 @@ ONLINE, OFFLINE, LOST = "online", "offline", "lost"
 #: for a watchdog ping. It wakes every second; a slow serial acknowledgement may hold it
 #: for ack_timeout x (retries + 1).
 HARDWARE_STALE = 3.0
+#: The health message goes out on a change, but at most this often (seconds)...
+HEALTH_MIN_INTERVAL = 2.0
+#: ...and at least this often, so its uptime and counters stay current.
+HEALTH_MAX_INTERVAL = 60.0
+#: How often the log flood guard's summaries are written.
+FLUSH_INTERVAL = 10.0
+
+
+def health_topic(bike_id: str) -> str:
+    """The retained topic carrying the daemon's health (drivers, counters, version)."""
+    return f"bike/{bike_id}/health"
 
 
 @dataclass(frozen=True)
@@ -71,11 +87,10 @@ class Reply:
             return None
         return cls(topic, getattr(props, "CorrelationData", None))
 
-    def problem(self) -> str | None:
-        """Why answers cannot be sent to this topic, or None."""
-        if "+" in self.topic or "#" in self.topic:
-            return "ResponseTopic must not contain wildcards"
-        return None
+    def problem(self, namespaces: tuple[str, ...]) -> str | None:
+        """Why answers cannot be sent here (outside ``namespaces``, too big...), or None."""
+        return (reply_topic_problem(self.topic, namespaces)
+                or correlation_problem(self.correlation))
 
 
 class BikeConnection(MQTTClient):
@@ -89,6 +104,7 @@ class BikeConnection(MQTTClient):
             ca_file=broker.ca_file, certfile=broker.certfile, keyfile=broker.keyfile,
             reconnect_max=broker.reconnect_max,
             will=(availability_topic(cfg.bike_id), LOST),
+            max_packet_size=broker.max_packet_size,
         )
         self.service = service
 
@@ -98,6 +114,9 @@ class BikeConnection(MQTTClient):
 
     def on_disconnect(self, reason_code: Any) -> None:
         self.service.disconnected()
+
+    def on_publish(self, mid: int, reason_code: Any) -> None:
+        self.service.outbox.acknowledged(mid, reason_code)
 
     def on_message(self, client: Any, userdata: Any, msg: MQTTMessage) -> None:
         super().on_message(client, userdata, msg)
@@ -112,6 +131,12 @@ class Service:
         self.limits = config.actuator_limits()
         self.bike = Bike(config, hardware, self)
         self.client = BikeConnection(self)
+        self.outbox = Outbox(self.client)
+        self.started = time.monotonic()
+        self.reconnects = -1  # the first connect is not a reconnect
+        self.reload_state: runtime.ReloadState | None = None
+        self._drivers: dict[str, tuple[str, str | None]] = {}
+        self._health_due = threading.Event()
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
@@ -131,14 +156,18 @@ class Service:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, lambda n, _frame: self._signals.put(n))
         notify("STATUS=opening hardware")
+        for warning in getattr(cfg, "warnings", ()):
+            log.warning("%s", warning)
         self.client.setup_mqtt_client()
         self.client.subscribe(control_filter(cfg.bike_id))
+        self.outbox.start()
         self.bike.offline_since = time.monotonic()
         self.bike.start()
         broken = f", {len(self.bike.failed)} failed" if self.bike.failed else ""
         log.info("bike %s: %d drivers running%s", cfg.bike_id, len(self.bike.drivers), broken)
         notify("READY=1", f"STATUS=connecting to {cfg.broker.host}:{cfg.broker.port}")
-        for target, name in ((self._handle_signals, "signals"), (self._watchdog, "watchdog")):
+        for target, name in ((self._handle_signals, "signals"), (self._watchdog, "watchdog"),
+                             (self._housekeeping, "housekeeping")):
             threading.Thread(target=target, name=name, daemon=True).start()
         try:
             self.client.loop_forever()
@@ -156,8 +185,12 @@ class Service:
             signum = self._signals.get()
             try:
                 if signum == signal.SIGHUP:
+                    # However many SIGHUPs a burst brought, one reload reads the file as
+                    # it is now; one arriving during that reload causes one more.
+                    signum = self._coalesce_reloads()
                     self.reload()
-                    continue
+                    if signum == signal.SIGHUP:
+                        continue
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 self.shutdown()
                 # A connect that was in flight may still succeed after disconnect();
@@ -168,6 +201,17 @@ class Service:
             except Exception:
                 log.exception("handling signal %d failed", signum)
 
+    def _coalesce_reloads(self) -> int:
+        """Take every signal already queued; the last one that is not SIGHUP, or SIGHUP."""
+        result = signal.SIGHUP
+        while True:
+            try:
+                signum = self._signals.get_nowait()
+            except queue.Empty:
+                return result
+            if signum != signal.SIGHUP:
+                result = signum
+
     def shutdown(self) -> None:
         """Actuators to safe values, say offline, disconnect: loop_forever then returns."""
         notify("STOPPING=1", "STATUS=stopping: actuators to safe values")
@@ -175,18 +219,28 @@ class Service:
         if not self.bike.stop():
             log.error("the hardware thread did not finish: actuators may not be safe")
             self._exit_status = 1
-        if self.client.is_connected():
-            info = self.client.publish(availability_topic(self.config.bike_id), OFFLINE,
-                                       retain=True)
-            try:
-                info.wait_for_publish(timeout=1.5)
-            except (RuntimeError, ValueError):
-                pass  # the broker went away meanwhile; the will says "lost" instead
+        self.outbox.state(availability_topic(self.config.bike_id), OFFLINE)
+        # The safe values' reports and "offline" first; if the broker went away
+        # meanwhile, the will says "lost" instead.
+        self.outbox.drain(timeout=1.5)
+        self.outbox.close()
         self.client.disconnect()
 
-    def reload(self) -> None:
-        """Re-read the config file; keep the running one when the new one is invalid."""
+    def reload(self) -> bool:
+        """Re-read the config file; keep the running one when the new one is invalid.
+
+        Returns True once the new settings are in force. The outcome is also written
+        for ``smartbiked --reload`` (systemd's ExecReload) to pick up.
+        """
         notify("RELOADING=1", "STATUS=reloading configuration")
+        ok, status, details = self._reload()
+        if self.reload_state is not None:
+            self.reload_state.done(ok, f"{status}: {details}" if details else status)
+        notify("READY=1", f"STATUS={status}")
+        return ok
+
+    def _reload(self) -> tuple[bool, str, str]:
+        """(applied, a status line for systemd, details for ``--reload``)."""
         old = self.config
         try:
             new = configuration.load(old.path)
@@ -194,18 +248,24 @@ class Service:
             for problem in exc.problems:
                 log.error("%s", problem)
             log.error("new configuration is invalid: keeping the running one")
-            notify("READY=1", "STATUS=reload refused: configuration invalid")
-            return
+            return (False, "reload refused: configuration invalid",
+                    "; ".join(str(p) for p in exc.problems))
         if (new.bike_id, new.broker, new.device_name) != (old.bike_id, old.broker,
                                                           old.device_name):
             log.warning("bike id, device name and [broker] changes take effect on restart")
             new = dataclasses.replace(new, bike_id=old.bike_id, broker=old.broker,
                                       device_name=old.device_name)
+        if new == old:
+            log.info("reloaded %s: nothing changed", new.path)
+            return True, "configuration reloaded", "nothing changed"
         self.config = new
         self.limits = new.actuator_limits()
-        self.bike.reload(new)
+        if self.bike.reload(new) is False:
+            log.error("the hardware thread did not apply the new configuration in time")
+            return False, "reload not confirmed", "the hardware thread did not answer in time"
         log.info("reloaded %s", new.path)
-        notify("READY=1", "STATUS=configuration reloaded")
+        self._health_due.set()
+        return True, "configuration reloaded", ""
 
     def _watchdog(self) -> None:
         period = watchdog_period()
@@ -233,25 +293,31 @@ class Service:
             self.client.disconnect()  # the connect raced a stop: do not claim to be online
             return
         self.bike.offline_since = None
-        self.client.publish(availability_topic(self.config.bike_id), ONLINE, retain=True)
+        self.reconnects += 1
+        self.outbox.state(availability_topic(self.config.bike_id), ONLINE)
+        self.outbox.connected()
+        self._health_due.set()
         notify(f"STATUS=connected to {self.config.broker.host}:{self.config.broker.port}")
 
     def disconnected(self) -> None:
         """The connection dropped: paho reconnects; the hardware starts counting."""
         self.bike.offline_since = time.monotonic()
+        self.outbox.disconnected()
         notify(f"STATUS=reconnecting to {self.config.broker.host}:{self.config.broker.port}")
 
     def handle_control(self, msg: MQTTMessage) -> None:
         """Parse a control message; refuse it or hand it to the hardware thread."""
         if msg.retain:
             # Retained commands replay on every subscribe: a stale one must not move a motor.
-            log.warning("ignoring a retained command on %s", msg.topic)
+            log.warning("ignoring a retained command on %.80s", msg.topic)
             return
         result = parse_command(msg.topic, msg.payload, self.config.bike_id, self.limits)
         reply = Reply.of(msg)
-        bad_reply = reply.problem() if reply else None
+        bad_reply = reply.problem(self.config.broker.reply_topics) if reply else None
         if bad_reply:
-            reply = None  # nowhere valid to answer; the status topic says why
+            # Answering there could move another bike's motor or forge a reading: refuse
+            # the whole command, and say why on the status topic only.
+            reply = None
             if isinstance(result, Command):
                 result = Refusal(result.topic, bad_reply, self.limits.get(result.topic))
         if isinstance(result, Refusal):
@@ -260,11 +326,14 @@ class Service:
             self.bike.submit(result, reply)
 
     def _refuse(self, refusal: Refusal, replies: list[Reply]) -> None:
-        fields = {"TOPIC": refusal.topic or ""}
-        log.warning("%s: command refused: %s", refusal.topic, refusal.reason, extra=fields)
+        # The topic level comes from the sender: only a short prefix is logged.
+        name = (refusal.topic or "")[:40]
+        log.warning("%.40s: command refused: %.200s", name, refusal.reason,
+                    extra={"TOPIC": name})
         body = refusal.payload(time.time(), self.config.device_name)
-        if refusal.topic is not None:
-            self._send(topic_path(self.config.bike_id, refusal.topic, "status"), body)
+        if refusal.topic:
+            self.outbox.send(topic_path(self.config.bike_id, refusal.topic, "status"), body,
+                             "refusals")
         for reply in replies:
             self._answer(reply, body)
 
@@ -272,30 +341,27 @@ class Service:
         props = Properties(PacketTypes.PUBLISH)
         if reply.correlation is not None:
             props.CorrelationData = reply.correlation
-        self._send(reply.topic, body, properties=props)
-
-    def _send(self, topic: str, body: Any, **kwargs: Any) -> None:
-        """Publish; a message paho refuses is logged, never raised into a loop."""
-        try:
-            self.client.publish(topic, body, **kwargs)
-        except (ValueError, TypeError) as exc:
-            log.error("cannot publish on %s: %s", topic, exc)
+        self.outbox.send(reply.topic, body, "replies", properties=props)
 
     # -- the hardware thread's outbox -------------------------------------------------------
 
     def report(self, topic: str, value: float, *, sensor: bool) -> None:
         """Publish a value on the topic's report sub-topic."""
-        if sensor and not self.client.is_connected():
-            return  # a reading queued through an outage is stale by the time it arrives
         body = report_payload(value, TOPICS[topic].unit, time.time(), self.config.device_name)
-        # An actuator's report is its state: retained, so an app that starts later sees it.
-        self._send(topic_path(self.config.bike_id, topic, "report"), body, retain=not sensor)
+        where = topic_path(self.config.bike_id, topic, "report")
+        if sensor:
+            # Never queued through an outage: a reading that late is stale.
+            self.outbox.send(where, body, "reports")
+        else:
+            # An actuator's report is its state: retained, so an app that starts later
+            # sees it, and coalesced, so after any burst it is the actuator's real value.
+            self.outbox.state(where, body)
 
     def event(self, topic: str, payload: dict[str, Any]) -> None:
         """Publish an event (a button press) on the topic's report sub-topic."""
-        if not self.client.is_connected():
-            return  # a brake press delivered after an outage would steer a game wrongly
-        self._send(topic_path(self.config.bike_id, topic, "report"), payload)
+        # Dropped while offline: a brake press delivered after an outage would steer a
+        # game wrongly.
+        self.outbox.send(topic_path(self.config.bike_id, topic, "report"), payload, "events")
 
     def outcome(self, command: Command, replies: list[Any], value: float | None,
                 error: str | None) -> None:
@@ -306,10 +372,68 @@ class Service:
         body = applied_payload(value, time.time(), self.config.device_name)
         for reply in replies:
             self._answer(reply, body)
+        self._health_due.set()  # counters (coalesced commands) may have moved
 
 
     def driver_state(self, topic: str, state: str, reason: str | None) -> None:
         """A driver's state changed (health message; a sensor's status topic)."""
+        previous = self._drivers.get(topic)
+        self._drivers[topic] = (state, reason)
+        self._health_due.set()
+        if previous is None and state == "running":
+            return  # the ordinary start: nothing to tell
+        if previous is not None and previous[0] == state:
+            return
+        if TOPICS.get(topic) is not None and TOPICS[topic].kind == "sensor":
+            body: dict[str, Any] = {"ok": state == "running", "state": state}
+            if reason:
+                body["error"] = reason
+            body["timestamp"] = time.time()
+            body["metadata"] = {"deviceName": self.config.device_name}
+            self.outbox.send(topic_path(self.config.bike_id, topic, "status"), body, "status")
+            log.log(logging.INFO if state == "running" else logging.WARNING,
+                    "%s: sensor %s%s", topic, state, f" ({reason})" if reason else "",
+                    extra={"TOPIC": topic})
+
+    # -- health ---------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """The health message: each topic's driver state, counters, version, uptime."""
+        drivers: dict[str, dict[str, str]] = {}
+        states = dict(self._drivers)
+        for topic, why in self.bike.failed.items():
+            states.setdefault(topic, ("failed", why))
+        for topic, (state, reason) in sorted(states.items()):
+            drivers[topic] = {"state": state, **({"reason": reason} if reason else {})}
+        counters = self.outbox.counters.as_dict()
+        snapshot = getattr(self.bike, "counters_snapshot", None)
+        if snapshot is not None:
+            counters.update(snapshot())
+        broker = self.config.broker
+        return {"version": __version__, "uptime": round(time.monotonic() - self.started, 1),
+                "broker": f"{broker.host}:{broker.port}",
+                "reconnects": max(0, self.reconnects), "drivers": drivers,
+                "counters": counters, "timestamp": time.time(),
+                "metadata": {"deviceName": self.config.device_name}}
+
+    def _housekeeping(self) -> None:
+        guard = logs.flood_guard(logging.getLogger().handlers[0]) if (
+            logging.getLogger().handlers) else None
+        last = -HEALTH_MAX_INTERVAL
+        while not self._stopping.is_set():
+            due = self._health_due.wait(FLUSH_INTERVAL)
+            if guard is not None:
+                guard.flush()
+            if self._stopping.is_set():
+                return
+            if not due and time.monotonic() - last < HEALTH_MAX_INTERVAL:
+                continue
+            wait = last + HEALTH_MIN_INTERVAL - time.monotonic()
+            if wait > 0 and self._stopping.wait(wait):
+                return
+            self._health_due.clear()
+            last = time.monotonic()
+            self.outbox.state(health_topic(self.config.bike_id), self.health())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -325,7 +449,20 @@ def _parser() -> argparse.ArgumentParser:
                         help="with --simulate: make the virtual rider repeatable")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--reload", type=int, metavar="PID", default=None,
+                        help="check the config file, then have the daemon PID reload it and "
+                        "wait until it is in force (systemd's ExecReload); exit 0 when "
+                        "applied, 78 when invalid, 1 when refused")
+    parser.add_argument("--version", action="version", version=f"smartbiked {__version__}")
     return parser
+
+
+def _print_problems(exc: ConfigError, out: TextIO) -> None:
+    count = len(exc.problems)
+    noun = "problem" if count == 1 else "problems"
+    print(f"smartbiked: invalid configuration ({count} {noun}):", file=out)
+    for problem in exc.problems:
+        print(f"  {problem}", file=out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -335,20 +472,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = configuration.load(args.config)
     except ConfigError as exc:
-        print(f"smartbiked: invalid configuration ({len(exc.problems)} problems):",
-              file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _print_problems(exc, sys.stderr)
         return EX_CONFIG
     if args.check_config:
+        for warning in getattr(cfg, "warnings", ()):
+            print(f"warning: {warning}")
         print(f"{cfg.path}: OK: bike {cfg.bike_id}, {len(cfg.drivers)} drivers "
               f"({', '.join(d.topic for d in cfg.drivers) or 'none'})")
         return 0
+    if args.reload is not None:
+        ok, why = runtime.request_reload(args.reload)
+        print(f"smartbiked: {why}", file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
     logs.set_bike_id(handler, cfg.bike_id)
-    if args.simulate:
-        # Only where pins and ports come from changes; the service cannot tell.
-        from smartbiked.simulator import VirtualBike
+    lock = runtime.BikeLock(cfg.bike_id)
+    try:
+        lock.acquire()
+    except runtime.AlreadyRunning as exc:
+        print(f"smartbiked: not starting: {exc}", file=sys.stderr)
+        return 1
+    state = runtime.ReloadState()
+    try:
+        if args.simulate:
+            # Only where pins and ports come from changes; the service cannot tell.
+            from smartbiked.simulator import VirtualBike
 
-        with VirtualBike(cfg, seed=args.seed) as virtual:
-            return Service(cfg, virtual.hardware).run()
-    return Service(cfg, Hardware()).run()
+            with VirtualBike(cfg, seed=args.seed) as virtual:
+                return _serve(Service(cfg, virtual.hardware), state)
+        return _serve(Service(cfg, Hardware()), state)
+    finally:
+        state.remove()
+        lock.release()
+
+
+def _serve(service: Service, state: runtime.ReloadState) -> int:
+    service.reload_state = state
+    return service.run()

@@ -138,10 +138,29 @@ def _number(value: Any, what: str) -> float:
     # bool is an int subclass: true is not 1 for an actuator.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Unusable(f"{what} must be a number, not {_json_type(value)}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        # JSON integers are exact: one of 310 digits is beyond any float.
+        raise _Unusable(f"{what} must be a finite number (too large)") from None
     if not math.isfinite(number):
         raise _Unusable(f"{what} must be a finite number")
     return number
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads object hook: a key given twice is refused, not silently overwritten.
+
+    ``{"value": 500, "value": 5}`` would otherwise mean whatever the last key says,
+    while an app or a broker-side filter that reads the first one sees 500.
+    """
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            # json.dumps escapes control characters; the prefix keeps the reason short.
+            raise _Unusable(f"duplicate key {json.dumps(key)[:40]}")
+        document[key] = value
+    return document
 
 
 def _json_type(value: Any) -> str:
@@ -176,6 +195,8 @@ def parse_command(
     ``actuators`` maps each topic this bike can move to its limits.
     Accepted shapes: ``{"value": v}``, ``{"<topic>": v}``, fan ``{"power": v}`` and
     ``{"level": 0..5}`` (x20 percent), and a bare number; other keys are ignored.
+    Refused besides bad values: a key given twice in any object, and numbers no float
+    can hold (``1e400``, an integer of 310 digits).
     """
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] != "bike" or parts[3] != "control":
@@ -195,7 +216,8 @@ def parse_command(
         return Refusal(name, f"payload too large (over {MAX_COMMAND_BYTES} bytes)", limits)
     try:
         text = payload.decode("utf-8")
-        document = json.loads(text, parse_constant=_reject_constant)
+        document = json.loads(text, parse_constant=_reject_constant,
+                              object_pairs_hook=_unique_keys)
         value = _value_from(name, document)
     except UnicodeDecodeError:
         return Refusal(name, "payload is not UTF-8 text", limits)

@@ -73,7 +73,7 @@ def test_every_problem_is_reported_at_once_with_file_table_key_and_value(tmp_pat
     assert "[broker] port: must be a port number from 1 to 65535 (found 70000)" in text
     assert "[broker] keepalive: must be an integer (found 'often')" in text
     assert "[broker] colour: unknown key" in text
-    assert "[fan] min: min and max must satisfy 0 <= min < max <= 100 (found (0.0, 120.0))" in text
+    assert "[fan] max: min and max must satisfy 0 <= min < max <= 100 (found 120.0)" in text
     assert "[gear]" in text and "unknown table" in text
     assert len(found) == 6
 
@@ -133,8 +133,9 @@ def test_secrets_never_appear_in_errors(tmp_path):
     assert "cannot read the password file" in text and "/nonexistent/pw" in text
     assert "inline-secret" not in text
     assert any(p.endswith("[broker] password: unknown key; known keys: ca_file, certfile, "
-                          "client_id, host, keepalive, keyfile, max_packet_size, password_credential, "
-                          "password_file, port, reconnect_max, reply_topics, tls, username") for p in found)
+                          "client_id, host, keepalive, keyfile, max_packet_size, "
+                          "password_credential, password_file, port, reconnect_max, "
+                          "reply_topics, tls, username") for p in found)
 
 
 def test_driver_must_exist_and_fit_its_topic(tmp_path):
@@ -178,15 +179,32 @@ def test_booleans_are_not_numbers(tmp_path):
 
 
 def test_unreadable_and_invalid_files_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read the file"):
+    with pytest.raises(ConfigError) as missing:
         config.load(tmp_path / "missing.toml", environ={})
-    with pytest.raises(ConfigError, match="not valid TOML"):
+    text = str(missing.value)
+    assert text.startswith(f"{tmp_path / 'missing.toml'}: missing: ")
+    assert "--config FILE" in text and "--simulate" in text
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(ConfigError, match="dir.toml: cannot read the file: Is a directory"):
+        config.load(tmp_path / "dir.toml", environ={})
+    with pytest.raises(ConfigError) as invalid:
         config.load(write(tmp_path, "[bike\n"), environ={})
+    # A whole-file problem has no table or key to name: no empty ": :" in its place.
+    assert str(invalid.value).startswith(f"{tmp_path / 'bike.toml'}: not valid TOML: ")
 
 
-def _smartbiked(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def test_problem_counts_are_worded_for_one_and_for_several(tmp_path):
+    with pytest.raises(ConfigError) as one:
+        config.load(tmp_path / "missing.toml", environ={})
+    assert one.value.headline == "invalid configuration (1 problem)"
+    with pytest.raises(ConfigError) as two:
+        config.load(write(tmp_path, '[bike]\nid = "x"\n[broker]\nport = 0\n'), environ={})
+    assert two.value.headline == "invalid configuration (2 problems)"
+
+
+def _smartbiked(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "smartbiked", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=60, env={"PATH": "/usr/bin:/bin"})
+                          text=True, cwd=cwd, timeout=60, env={"PATH": "/usr/bin:/bin", **env})
 
 
 def test_check_config_exits_0_for_the_example_and_78_for_a_bad_file(tmp_path):
@@ -238,3 +256,222 @@ def test_errors_from_environment_variables_name_the_variable(tmp_path):
     text = "\n".join(found)
     assert "[environment] MQTT_PORT: must be a port number from 1 to 65535 (found 99999)" in text
     assert "[environment] DEVICE_ID: must be non-empty, without +, #, / or white space" in text
+
+
+# -- secrets: only known, non-secret keys have their values echoed ------------------------
+
+SECRET = "hunter2-do-not-echo"
+
+
+@pytest.mark.parametrize(("table", "key"), [
+    ("broker", "pasword"), ("broker", "pw"), ("broker", "passwd"), ("broker", "Password"),
+    ("broker", "pwd"), ("broker", "mqtt_pass"), ("broker", "secret"), ("broker", "pass_word"),
+    ("bike", "pw"), ("service", "key"), ("serial.m", "pasword"), ("fan", "pw"),
+])
+def test_misspelt_or_unknown_keys_never_have_their_value_echoed(tmp_path, table, key):
+    body = {"bike": "", "broker": "", "service": "",
+            "serial.m": 'url = "loop://"\n',
+            "fan": 'driver = "gpio_pwm"\npin = 12\n'}
+    body[table] += f'{key} = "{SECRET}"\n'
+    text = f'[bike]\nid = "000001"\n{body["bike"]}' + "".join(
+        f"[{name}]\n{lines}" for name, lines in body.items() if name != "bike" and lines)
+    found = problems(tmp_path, text)
+    assert any(f"[{table}] {key}: unknown key" in p for p in found), found
+    assert not any(SECRET in p for p in found), found
+
+
+def test_check_config_never_prints_a_misspelt_secret(tmp_path):
+    bad = write(tmp_path, MINIMAL + f'[broker]\npasword = "{SECRET}"\npw = 1234567\n'
+                f'port = "{SECRET}-port"\n[broker.login]\npassword = "{SECRET}"\n')
+    result = _smartbiked("--check-config", "--config", str(bad))
+    assert result.returncode == EX_CONFIG
+    assert "[broker] pasword: unknown key" in result.stderr
+    assert "[broker] pw: unknown key" in result.stderr and "1234567" not in result.stderr
+    assert "[broker] login: unknown key" in result.stderr
+    # A known, non-secret key still shows what was found: that is what makes errors useful.
+    assert f"[broker] port: must be an integer (found '{SECRET}-port')" in result.stderr
+    assert result.stderr.count(SECRET) == 1
+
+
+def test_a_table_given_as_a_value_is_named_by_its_type_not_echoed(tmp_path):
+    found = problems(tmp_path, f'broker = "{SECRET}"\n' + MINIMAL)
+    assert any(p.endswith("[broker]: must be a table, not a string") for p in found), found
+
+
+# -- warnings: risky but working settings, never the secret itself ------------------------
+
+@pytest.mark.parametrize(("host", "tls", "warned"), [
+    ("broker.example.org", False, True),
+    ("192.168.1.10", False, True),
+    ("broker.example.org", True, False),
+    ("localhost", False, False),
+    ("127.0.0.1", False, False),
+    ("127.0.1.1", False, False),
+    ("::1", False, False),
+    ("bike.localhost", False, False),
+])
+def test_a_password_sent_in_clear_off_this_machine_is_warned_about(tmp_path, host, tls,
+                                                                   warned):
+    text = MINIMAL + f'[broker]\nhost = "{host}"\ntls = {"true" if tls else "false"}\n'
+    cfg = config.load(write(tmp_path, text), environ={"MQTT_PASSWORD": SECRET},
+                      env_file=tmp_path / "no-env")
+    clear = [w for w in cfg.warnings if "without TLS" in w]
+    assert bool(clear) == warned, cfg.warnings
+    if warned:
+        assert clear == [f"[broker] the password goes to {host}:1883 without TLS, readable "
+                         "on the network: set tls = true (and a TLS port)"]
+    # No password, nothing to leak.
+    cfg = config.load(write(tmp_path, text), environ={}, env_file=tmp_path / "no-env")
+    assert cfg.warnings == ()
+
+
+@pytest.mark.parametrize(("mode", "who"), [
+    (0o600, None), (0o400, None), (0o640, "group"), (0o604, "others"),
+    (0o644, "group and others"),
+])
+def test_a_password_file_others_can_read_is_warned_about(tmp_path, mode, who):
+    secret = tmp_path / "pw"
+    secret.write_text(SECRET + "\n")
+    secret.chmod(mode)
+    cfg = config.load(write(tmp_path, MINIMAL + f'[broker]\npassword_file = "{secret}"\n'),
+                      environ={}, env_file=tmp_path / "no-env")
+    assert cfg.broker.password == SECRET
+    expected = [] if who is None else [
+        f"the password file {secret} is readable by {who} (mode {mode:04o}): chmod 600 {secret}"]
+    assert list(cfg.warnings) == expected
+
+
+@pytest.mark.parametrize(("text", "mode", "warned"), [
+    (f"MQTT_PASSWORD={SECRET}\n", 0o644, True),
+    (f"DEVICE_ID=000001\nexport MQTT_PASSWORD='{SECRET}'\n", 0o640, True),
+    (f"MQTT_PASSWORD={SECRET}\n", 0o600, False),
+    ("DEVICE_ID=000001\nMQTT_HOSTNAME=broker\n", 0o644, False),  # nothing secret in it
+])
+def test_an_env_file_others_can_read_is_warned_about(tmp_path, monkeypatch, text, mode,
+                                                     warned):
+    env_file = tmp_path / "env"
+    env_file.write_text(text)
+    env_file.chmod(mode)
+    # The module constant is the default, read when load() runs: tests can point it here.
+    monkeypatch.setattr(config, "ENV_FILE", env_file)
+    cfg = config.load(write(tmp_path, MINIMAL), environ={})
+    about = [w for w in cfg.warnings if str(env_file) in w]
+    assert bool(about) == warned, cfg.warnings
+    if warned:
+        assert about[0].startswith(f"{env_file} is readable by ")
+        assert f"chmod 600 {env_file}" in about[0]
+    assert not any(SECRET in w for w in cfg.warnings)
+
+
+def test_no_env_file_no_warning(tmp_path):
+    cfg = config.load(write(tmp_path, MINIMAL), environ={}, env_file=tmp_path / "absent")
+    assert cfg.warnings == ()
+
+
+def test_the_example_config_has_no_warnings(tmp_path):
+    assert config.load(EXAMPLE, environ={}, env_file=tmp_path / "absent").warnings == ()
+
+
+# -- pins: what start-up would fail on, caught by the check --------------------------------
+
+@pytest.fixture
+def mock_board(monkeypatch):
+    monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "mock")
+    monkeypatch.setenv("GPIOZERO_MOCK_REVISION", "a02082")
+
+
+PWM = 'driver = "gpio_pwm"\npin = {}\n'
+PULSE = 'driver = "gpio_pulse"\npin = {}\n'
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    # one pin, two topics
+    (f"[resistance]\n{PWM.format(12)}[fan]\n{PWM.format(12)}",
+     "[fan] pin: GPIO12 (J8:32) is already used by [resistance] pin (found 12)"),
+    # one pin under two names
+    (f'[cadence]\n{PULSE.format(chr(34) + "BOARD29" + chr(34))}'
+     f'[speed]\n{PULSE.format(chr(34) + "GPIO5" + chr(34))}',
+     "[speed] pin: GPIO5 (J8:29) is already used by [cadence] pin (found 'GPIO5')"),
+    (f'[cadence]\n{PULSE.format(5)}[fan]\n{PWM.format(chr(34) + "J8:29" + chr(34))}',
+     "[fan] pin: GPIO5 (J8:29) is already used by [cadence] pin (found 'J8:29')"),
+    # a button's pin taken by another topic (the default buttons: BOARD11, 12, 15)
+    ('[fan]\ndriver = "gpio_relay"\npin = 17\n[button]\ndriver = "gpio_buttons"\n',
+     "[button] pins.LEFT: GPIO17 (J8:11) is already used by [fan] pin (found 'BOARD11')"),
+    # one pin twice in the buttons table
+    ('[button]\ndriver = "gpio_buttons"\npins = { LEFT = "BOARD11", RIGHT = 17 }\n',
+     "[button] pins: LEFT and RIGHT are the same pin, GPIO17 (J8:11) "
+     "(found {'LEFT': 'BOARD11', 'RIGHT': 17})"),
+    # pins not on the header, or not GPIO pins
+    (f'[fan]\n{PWM.format(chr(34) + "GPIO99" + chr(34))}',
+     "[fan] pin: no GPIO pin by this name on a Raspberry Pi 3B"),
+    (f"[fan]\n{PWM.format(40)}", "[fan] pin: no GPIO pin by this name"),
+    (f'[fan]\n{PWM.format(chr(34) + "BOARD6" + chr(34))}',
+     "[fan] pin: J8:6 is GND, not a GPIO pin (found 'BOARD6')"),
+    ('[button]\ndriver = "gpio_buttons"\npins = { LEFT = "BOARD11", UP = "GPIO99" }\n',
+     "[button] pins: pin of UP: no GPIO pin by this name"),
+])
+def test_pin_conflicts_and_unknown_pins_are_config_errors(tmp_path, mock_board, body,
+                                                          expected):
+    found = problems(tmp_path, MINIMAL + body)
+    assert any(expected in p for p in found), found
+    assert len(found) == 1, found  # each mistake reported once
+
+
+def test_distinct_pins_under_any_names_pass(tmp_path, mock_board):
+    cfg = config.load(write(tmp_path, MINIMAL + f'[cadence]\n{PULSE.format(5)}'
+                            f'[speed]\n{PULSE.format(chr(34) + "BCM6" + chr(34))}'
+                            f'[fan]\n{PWM.format(chr(34) + "J8:33" + chr(34))}'
+                            '[button]\ndriver = "gpio_buttons"\n'), environ={})
+    assert len(cfg.drivers) == 4
+
+
+@pytest.mark.parametrize("extra_env", [{}, {"GPIOZERO_PIN_FACTORY": "mock"}])
+def test_check_config_exits_78_on_a_pin_used_twice(tmp_path, extra_env):
+    # Without GPIOZERO_PIN_FACTORY (a laptop, no Pi) and with the mock, as tests run it.
+    bad = write(tmp_path, MINIMAL + f'[cadence]\n{PULSE.format(chr(34) + "BOARD29" + chr(34))}'
+                f'[fan]\n{PWM.format(chr(34) + "GPIO5" + chr(34))}'
+                f'[resistance]\n{PWM.format(chr(34) + "GPIO99" + chr(34))}')
+    result = _smartbiked("--check-config", "--config", str(bad), **extra_env)
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert f"{bad}: [fan] pin: GPIO5 (J8:29) is already used by [cadence] pin" in result.stderr
+    assert f"{bad}: [resistance] pin: no GPIO pin by this name" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- nesting and where min/max errors are reported ------------------------------------------
+
+@pytest.mark.parametrize("text", ["a = " + "[" * 100000, "a = " + "{b = " * 100000])
+def test_deeply_nested_toml_is_a_config_error(tmp_path, text):
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, text), environ={})
+    assert str(info.value) == f"{tmp_path / 'bike.toml'}: not valid TOML: arrays or tables " \
+        "nested too deeply"
+
+
+def test_check_config_exits_78_on_deep_nesting(tmp_path):
+    result = _smartbiked("--check-config", "--config",
+                         str(write(tmp_path, "a = " + "[" * 100000)))
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "nested too deeply" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_deeply_nested_wrong_value_is_named_without_showing_it(tmp_path):
+    found = problems(tmp_path, MINIMAL + '[fan]\ndriver = "gpio_pwm"\npin.' + "a." * 3000
+                     + "b = 1\n")
+    assert found == [f"{tmp_path / 'bike.toml'}: [fan] pin: must be an integer or a string "
+                     "(found a value nested too deeply to show)"]
+
+
+@pytest.mark.parametrize(("body", "key", "value"), [
+    ("max = 800", "max", 800.0),
+    ("min = -5", "min", -5.0),
+    ("min = 101", "min", 101.0),
+    ("max = -1", "max", -1.0),
+    ("min = 100", "min", 100.0),           # max is the default 100: min is the one set
+    ("max = 0", "max", 0.0),               # min is the default 0: max is the one set
+    ("min = 60\nmax = 40", "max", 40.0),
+])
+def test_limit_errors_are_reported_under_the_key_that_is_wrong(tmp_path, body, key, value):
+    found = problems(tmp_path, MINIMAL + f'[fan]\ndriver = "gpio_pwm"\npin = 12\n{body}\n')
+    assert found == [f"{tmp_path / 'bike.toml'}: [fan] {key}: min and max must satisfy "
+                     f"0 <= min < max <= 100 (found {value})"]

@@ -136,13 +136,13 @@ def test_v5_request_gets_its_correlated_answer(broker, probe, run_daemon):
     probe.wait_for("bike/000001/status", lambda m: m.payload == b"online")
     for payload, corr in ((b"45", b"req-1"), (b"450", b"req-2")):
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = "bike/app/replies"
+        props.ResponseTopic = "bike/000001/reply/app"
         props.CorrelationData = corr
         send(broker, "bike/000001/fan/control", payload, properties=props)
-    ok = probe.wait_for("bike/app/replies",
+    ok = probe.wait_for("bike/000001/reply/app",
                         lambda m: getattr(m.properties, "CorrelationData", None) == b"req-1")
     assert json.loads(ok.payload)["ok"] is True and json.loads(ok.payload)["value"] == 45.0
-    bad = probe.wait_for("bike/app/replies",
+    bad = probe.wait_for("bike/000001/reply/app",
                          lambda m: getattr(m.properties, "CorrelationData", None) == b"req-2")
     assert json.loads(bad.payload)["ok"] is False
     assert "out of range" in json.loads(bad.payload)["error"]

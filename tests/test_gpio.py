@@ -9,6 +9,7 @@ from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from smartbiked import topics
 from smartbiked.errors import HardwareError
+from smartbiked.hardware import gpio
 from smartbiked.hardware.base import REQUIRED, Actuator, Hardware
 from smartbiked.hardware.gpio import (
     GpioButtons,
@@ -16,6 +17,8 @@ from smartbiked.hardware.gpio import (
     GpioPWM,
     GpioRelay,
     GpioServo,
+    PinPlace,
+    resolve_pin,
 )
 
 
@@ -51,7 +54,7 @@ def make(factory, clock):
     """Build a driver with settings as the config loader would fill them in."""
     drivers = []
 
-    def build(cls, topic, **overrides):
+    def build(cls, topic, validate=True, **overrides):
         settings: dict[str, Any] = {
             name: opt.default for name, opt in cls.options().items() if opt.default is not REQUIRED
         }
@@ -61,7 +64,7 @@ def make(factory, clock):
                             safe=spec.safe)
         settings.update(overrides)
         for name, value in settings.items():
-            problem = cls.options()[name].validate(value)
+            problem = cls.options()[name].validate(value) if validate else None
             assert problem is None, f"test settings: {name}: {problem}"
         driver = cls(topic, settings, Hardware(pin_factory=factory, clock=clock))
         drivers.append(driver)
@@ -132,7 +135,8 @@ def test_buttons_close_is_idempotent_and_frees_the_pins(make, factory):
 
 def test_buttons_failed_open_releases_the_pins_already_taken(make, factory):
     with pytest.raises(HardwareError, match="NOPE") as failure:
-        make(GpioButtons, "button", pins={"LEFT": 17, "RIGHT": "NOPE"})
+        # The config check refuses "NOPE"; the driver must still fail cleanly without it.
+        make(GpioButtons, "button", validate=False, pins={"LEFT": 17, "RIGHT": "NOPE"})
     # Holding the traceback keeps the half-built driver alive, as a logging caller would:
     # its pin must be free without relying on the garbage collector.
     assert failure.traceback
@@ -152,10 +156,80 @@ def test_buttons_failed_open_releases_the_pins_already_taken(make, factory):
     ({"LEFT": True}, "integer or a string"),
     ({"LEFT": -1}, "negative"),
     ({"LEFT": " "}, "empty"),
+    ({"LEFT": "GPIO99"}, "pin of LEFT: no GPIO pin by this name on a Raspberry Pi 3B"),
+    ({"LEFT": "BOARD6"}, "pin of LEFT: J8:6 is GND, not a GPIO pin"),
+    ({"LEFT": "BOARD11", "RIGHT": 17}, "LEFT and RIGHT are the same pin, GPIO17 (J8:11)"),
+    ({"LEFT": 5, "RIGHT": "BCM6", "BRAKE": "J8:29"},
+     "LEFT and BRAKE are the same pin, GPIO5 (J8:29)"),
 ])
-def test_buttons_pins_option_refuses_bad_tables(pins, fragment):
+def test_buttons_pins_option_refuses_bad_tables(mock_board, pins, fragment):
     problem = GpioButtons.options()["pins"].validate(pins)
     assert problem is not None and fragment in problem
+
+
+# --- pin names ---------------------------------------------------------------------------
+
+@pytest.fixture
+def mock_board(monkeypatch):
+    """Pin names are checked against the mock's board, as GPIOZERO_PIN_FACTORY=mock says."""
+    monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "mock")
+    monkeypatch.setenv("GPIOZERO_MOCK_REVISION", "a02082")
+    return monkeypatch
+
+
+@pytest.mark.parametrize("spec", [5, "5", "GPIO5", "BCM5", "BOARD29", "J8:29", "WPI21"])
+def test_every_name_gpiozero_knows_resolves_to_the_pin_it_opens(mock_board, factory, spec):
+    place = resolve_pin(spec)
+    assert place == PinPlace("J8", 29, "GPIO5") and str(place) == "GPIO5 (J8:29)"
+    opened = factory.pin(spec).info  # the very pin a device on this name would drive
+    assert (opened.number, opened.name) == (place.number, place.name)
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ("GPIO99", "no GPIO pin by this name on a Raspberry Pi 3B"),
+    (99, "no GPIO pin by this name"),
+    ("BOARD41", "no GPIO pin by this name"),
+    ("gpio5", "no GPIO pin by this name"),   # gpiozero's names are case-sensitive
+    (" GPIO5", "no GPIO pin by this name"),
+    ("BOARD1", "J8:1 is 3V3, not a GPIO pin"),
+    ("J8:2", "J8:2 is 5V, not a GPIO pin"),
+    ("GND", "is GND, not a GPIO pin"),
+])
+def test_pins_a_device_could_not_open_are_option_errors(mock_board, spec, fragment):
+    for cls in (GpioPWM, GpioRelay, GpioServo, GpioPulseSensor):
+        problem = cls.options()["pin"].validate(spec)
+        assert problem is not None and fragment in problem, (cls, problem)
+
+
+def test_the_board_is_gpiozeros_data_for_the_configured_pi(mock_board):
+    # A first Model B (26-pin P1 header): physical pin 29 and J8 do not exist there.
+    mock_board.setenv("GPIOZERO_MOCK_REVISION", "000e")
+    assert resolve_pin("BOARD11") == PinPlace("P1", 11, "GPIO17")
+    assert resolve_pin("GPIO28") == PinPlace("P5", 3, "GPIO28")  # its second header
+    for spec in ("BOARD29", "J8:11", "GPIO5"):
+        with pytest.raises(ValueError, match="on a Raspberry Pi B rev 2.0"):
+            resolve_pin(spec)
+
+
+def test_without_a_pi_names_are_checked_against_a_40_pin_header(monkeypatch):
+    def no_pi() -> int:
+        raise gpio.GPIOZeroError("unable to locate Pi revision")
+
+    monkeypatch.delenv("GPIOZERO_PIN_FACTORY", raising=False)
+    monkeypatch.setattr(gpio, "get_pi_revision", no_pi)
+    gpio._this_pi.cache_clear()
+    try:
+        assert gpio.board_info().revision == f"{gpio.DEFAULT_REVISION:x}"
+        assert resolve_pin("BOARD40") == PinPlace("J8", 40, "GPIO21")
+    finally:
+        gpio._this_pi.cache_clear()
+
+
+def test_pin_lists_name_every_pin_a_driver_takes():
+    assert GpioButtons.pins({"pins": {"LEFT": "BOARD11", "RIGHT": 18}}) == [
+        ("pins.LEFT", "BOARD11"), ("pins.RIGHT", 18)]
+    assert GpioPWM.pins({"pin": 12}) == [("pin", 12)]
+    assert GpioPulseSensor.pins({"pin": "GPIO5"}) == [("pin", "GPIO5")]
 
 
 # --- PWM ---------------------------------------------------------------------------------
@@ -209,7 +283,7 @@ def test_a_pin_taken_under_another_name_is_a_hardware_error(make):
 
 def test_pwm_bad_pin_is_a_hardware_error(make):
     with pytest.raises(HardwareError, match="BOARD1"):
-        make(GpioPWM, "fan", pin="BOARD1")  # 3V3, not a GPIO
+        make(GpioPWM, "fan", validate=False, pin="BOARD1")  # 3V3, not a GPIO
 
 
 # --- relay -------------------------------------------------------------------------------

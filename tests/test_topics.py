@@ -63,6 +63,15 @@ def test_every_legacy_command_shape_is_accepted(topic, payload, value):
     ("fan", '{"value": Infinity}', "Infinity is not a number"),
     ("fan", "-Infinity", "is not a number"),
     ("fan", "1e400", "finite"),
+    ("fan", "1" * 310, "finite"),                      # an int no float can hold
+    ("fan", "-" + "9" * 400, "finite"),
+    ("fan", '{"value": 1%s}' % ("0" * 400), "finite"),
+    ("fan", '{"level": %s}' % ("7" * 320), "finite"),
+    ("fan", "1e99999999999999999999", "finite"),
+    ("fan", '{"value": 500, "value": 5}', 'duplicate key "value"'),
+    ("fan", '{"value": 5, "\\u0076alue": 50}', 'duplicate key "value"'),  # same key, escaped
+    ("fan", '{"power": 5, "x": 1, "x": 2}', 'duplicate key "x"'),
+    ("fan", '{"value": 5, "meta": {"a": 1, "a": 2}}', 'duplicate key "a"'),
     ("fan", "101", "out of range"),
     ("fan", "-0.5", "out of range"),
     ("incline", "19.5", "out of range"),
@@ -131,8 +140,11 @@ def test_refusal_payload_carries_reason_and_range():
 
 # -- property-based: whatever arrives, parse_command answers and never lets a bad value by ---
 
+#: JSON integers are exact: these need 309 digits or more, beyond any float.
+huge_integers = (st.integers(min_value=2**1024, max_value=10**450)
+                 | st.integers(min_value=-10**450, max_value=-2**1024))
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
+    st.none() | st.booleans() | st.integers() | huge_integers | st.floats(allow_nan=True)
     | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4)
     | st.dictionaries(st.sampled_from(["value", "fan", "incline", "resistance", "power",
@@ -170,3 +182,59 @@ def test_arbitrary_json_never_raises_and_accepted_values_are_in_range(name, valu
     except ValueError:
         return
     _check(parse_command(f"bike/{BIKE}/{name}/control", payload, BIKE, LIMITS))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(LIMITS)), huge_integers,
+       st.sampled_from(["{}", '{{"value": {}}}', '{{"level": {}}}', '{{"power": {}}}',
+                        '{{"TOPIC": {}}}']))
+def test_integers_beyond_float_range_are_refused_in_every_shape(name, number, shape):
+    payload = shape.replace("TOPIC", name).format(number).encode()
+    result = parse_command(f"bike/{BIKE}/{name}/control", payload, BIKE, LIMITS)
+    assert isinstance(result, Refusal), result
+    fan_only = "power" in shape or "level" in shape
+    if len(payload) <= MAX_COMMAND_BYTES and (name == "fan" or not fan_only):
+        assert "finite number" in result.reason, result
+
+
+#: Number-like payloads of up to 500 digits, with and without fractions and exponents.
+numeric_text = st.builds(
+    lambda sign, digits, fraction, exponent: sign + digits + fraction + exponent,
+    st.sampled_from(["", "-"]),
+    st.integers(0, 10**500).map(str) | st.text("0123456789", min_size=1, max_size=500),
+    st.sampled_from(["", ".", ".5", ".000001"]),
+    st.sampled_from(["", "e0", "e400", "E-400", "e+99999999999999999999"])
+    | st.integers(-10**40, 10**40).map(lambda e: f"e{e}"),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(LIMITS)), numeric_text)
+def test_any_number_text_never_raises(name, text):
+    _check(parse_command(f"bike/{BIKE}/{name}/control", text.encode(), BIKE, LIMITS))
+
+
+value_keys = st.sampled_from(["value", "fan", "incline", "resistance", "power", "level",
+                              "timestamp", "x"])
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(sorted(LIMITS)),
+       st.lists(st.tuples(value_keys, st.integers(-20, 120) | json_values), max_size=5),
+       st.booleans())
+def test_duplicate_keys_are_refused_at_any_depth(name, pairs, nested):
+    body = "{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs) + "}"
+    if nested:  # the duplicates sit one level down, beside a valid value
+        body = '{"value": 1, "extra": ' + body + "}"
+    result = parse_command(f"bike/{BIKE}/{name}/control", body.encode(), BIKE, LIMITS)
+    _check(result)
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys) and len(body) <= MAX_COMMAND_BYTES:
+        assert isinstance(result, Refusal), result
+        if "NaN" not in body and "Infinity" not in body:  # those are refused while parsing
+            assert "duplicate key" in result.reason, result
+    elif len(body) <= MAX_COMMAND_BYTES:
+        # Without duplicates the text means what its dict means.
+        document = json.loads(body)
+        assert result == parse_command(f"bike/{BIKE}/{name}/control",
+                                       json.dumps(document).encode(), BIKE, LIMITS)

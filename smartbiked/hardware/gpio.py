@@ -2,8 +2,10 @@
 
 Pins may be named any way gpiozero understands: ``17``, ``"GPIO17"``, ``"BCM17"``,
 ``"BOARD11"`` (physical pin 11 of the header) or ``"J8:11"`` all mean the same pin.
-Every device is opened through ``hardware.pin_factory``, so tests and the simulator
-can hand in gpiozero's ``MockFactory``.
+The config check resolves each name with gpiozero's own board data (:func:`resolve_pin`),
+so a pin that is not on the header, or one pin under two names, is a config error
+rather than a driver that fails to start. Every device is opened through
+``hardware.pin_factory``, so tests and the simulator can hand in gpiozero's ``MockFactory``.
 
 - :class:`GpioButtons`: handlebar buttons, one event per press and per release.
 - :class:`GpioPWM`: a fan or resistance driven by a PWM duty cycle.
@@ -15,14 +17,19 @@ can hand in gpiozero's ``MockFactory``.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 from gpiozero import Button, DigitalInputDevice, DigitalOutputDevice, PWMOutputDevice, Servo
 from gpiozero.exc import GPIOZeroError
+from gpiozero.pins import BoardInfo
+from gpiozero.pins.local import get_pi_revision
+from gpiozero.pins.pi import PiBoardInfo
 
 from smartbiked import topics
 from smartbiked.errors import HardwareError
@@ -38,18 +45,92 @@ from smartbiked.hardware.base import (
 log = logging.getLogger(__name__)
 
 
+#: The board pin names are checked against where no Raspberry Pi can be detected, and
+#: gpiozero's MockFactory default: a Pi 3B, whose 40-pin J8 header every Pi since the
+#: B+ (2014) shares, so a file checked on a laptop means the same on a bike.
+DEFAULT_REVISION = 0xA02082
+
+
+@functools.cache
+def _board_of(revision: int) -> BoardInfo:
+    return PiBoardInfo.from_revision(revision)
+
+
+@functools.cache
+def _this_pi() -> int | None:
+    # The Pi's revision never changes while we run; reading it is /proc I/O, so once.
+    try:
+        return int(get_pi_revision())
+    except (GPIOZeroError, OSError, ValueError):
+        return None  # not a Pi (a laptop, CI, a container)
+
+
+def board_info() -> BoardInfo:
+    """The board whose header pin names are resolved against (gpiozero's data for it).
+
+    Under ``GPIOZERO_PIN_FACTORY=mock`` it is the mock's board (``GPIOZERO_MOCK_REVISION``,
+    as gpiozero's MockFactory reads it); on a Raspberry Pi, that Pi; elsewhere a 40-pin Pi.
+    """
+    revision: int | None
+    if os.environ.get("GPIOZERO_PIN_FACTORY", "").lower() == "mock":
+        try:
+            revision = int(os.environ.get("GPIOZERO_MOCK_REVISION", ""), 16)
+        except ValueError:
+            revision = None
+    else:
+        revision = _this_pi()
+    try:
+        return _board_of(revision if revision is not None else DEFAULT_REVISION)
+    except GPIOZeroError:  # a board newer than this gpiozero knows: the common header
+        return _board_of(DEFAULT_REVISION)
+
+
+class PinPlace(NamedTuple):
+    """Where a pin name lands on the board: one physical pin, however it was named."""
+
+    header: str
+    number: int
+    name: str  # gpiozero's usual name for it, e.g. "GPIO5"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.header}:{self.number})"
+
+
+def resolve_pin(spec: Any, board: BoardInfo | None = None) -> PinPlace:
+    """The physical GPIO pin ``spec`` names; ValueError saying why when there is none.
+
+    Uses gpiozero's board data (``BoardInfo.find_pin``), the same lookup its pin
+    factories make, so what passes here is what a device will open.
+    """
+    board = board if board is not None else board_info()
+    # bool is an int to Python (True would find GPIO1): refuse it as gpiozero would fail.
+    if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+        raise ValueError("must be an integer or a string")
+    for header, pin in board.find_pin(spec):
+        if "gpio" not in pin.interfaces:
+            raise ValueError(f"{header.name}:{pin.number} is {pin.name}, not a GPIO pin")
+        return PinPlace(header.name, pin.number, pin.name)
+    raise ValueError(f"no GPIO pin by this name on a {board.description} "
+                     '(name pins like 17, "GPIO17", "BCM17", "BOARD11" or "J8:11")')
+
+
 def _pin_problem(pin: Any) -> str | None:
     # bool is refused before this runs (Option.validate), so an int here is a real number.
-    if isinstance(pin, int):
-        return None if pin >= 0 else "must not be negative"
-    if isinstance(pin, str):
-        return None if pin.strip() else "must not be empty"
-    return "must be an integer or a string"
+    if isinstance(pin, int) and pin < 0:
+        return "must not be negative"
+    if isinstance(pin, str) and not pin.strip():
+        return "must not be empty"
+    try:
+        resolve_pin(pin)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _pins_problem(pins: Any) -> str | None:
     if not pins:
         return "must name at least one button"
+    seen: dict[PinPlace, str] = {}
     for name, pin in pins.items():
         if not isinstance(name, str) or not name.strip():
             return "button names must be non-empty strings"
@@ -57,7 +138,11 @@ def _pins_problem(pins: Any) -> str | None:
             return f"pin of {name} must be an integer or a string"
         problem = _pin_problem(pin)
         if problem:
-            return f"pin of {name} {problem}"
+            return f"pin of {name}: {problem}"
+        place = resolve_pin(pin)
+        if place in seen:
+            return f"{seen[place]} and {name} are the same pin, {place}"
+        seen[place] = name
     return None
 
 
@@ -75,10 +160,23 @@ def _open(what: str, pin: Any, factory: Callable[[], Any]) -> Any:
 
 
 def _pin_option(doc: str) -> Option:
-    return Option("pin", (int, str), doc=doc, check=_pin_problem)
+    return Option("pin", (int, str), doc=f'{doc}: 17, "GPIO17", "BOARD11" or "J8:11"; '
+                  "a pin serves one topic", check=_pin_problem)
 
 
-class _OneDevice:
+class GpioDriver:
+    """Mixin of every driver that takes GPIO pins: says which, so the config check can
+    refuse one pin used twice (a second device on a pin fails at start-up)."""
+
+    PIN_KEY: ClassVar[str] = "pin"
+
+    @classmethod
+    def pins(cls, settings: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        """(config key, pin name) of every pin these settings use."""
+        return [(cls.PIN_KEY, settings[cls.PIN_KEY])] if cls.PIN_KEY in settings else []
+
+
+class _OneDevice(GpioDriver):
     """For drivers built on one gpiozero device kept in ``_device``: closes it once."""
 
     _device: Any = None
@@ -90,7 +188,7 @@ class _OneDevice:
             device.close()
 
 
-class GpioButtons(EventSource):
+class GpioButtons(GpioDriver, EventSource):
     """Handlebar buttons (turn left, turn right, brake): one ``button`` event per edge.
 
     Wire each push button between its GPIO pin and ground and keep ``pull_up = true``
@@ -103,11 +201,17 @@ class GpioButtons(EventSource):
     TOPICS = frozenset({"button"})
     OPTIONS = (
         Option("pins", (dict,), {"LEFT": "BOARD11", "RIGHT": "BOARD12", "BRAKE": "BOARD15"},
-               "button name -> pin", _pins_problem),
+               "button name -> pin (named as for `pin`); each pin once, in no other topic",
+               _pins_problem),
         Option("pull_up", (bool,), True, "button connects the pin to ground (internal pull-up)"),
         Option("bounce_time", (float,), 0.02, "seconds of contact bounce to ignore; 0: none",
                at_least(0)),
     )
+
+    @classmethod
+    def pins(cls, settings: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        """(``pins.NAME``, pin name) of every button."""
+        return [(f"pins.{name}", pin) for name, pin in settings.get("pins", {}).items()]
 
     def __init__(self, topic: str, settings: Mapping[str, Any], hardware: Hardware) -> None:
         super().__init__(topic, settings, hardware)

@@ -1,0 +1,326 @@
+"""The outbox: every message the daemon publishes passes here, checked and bounded.
+
+Two kinds of message, one first-in first-out line, so an app sees them in the order
+they happened:
+
+- **state** (retained: availability, actuator reports, health): coalesced per topic.
+  The latest payload wins and is always delivered, so after any burst the retained
+  value is the bike's real state. State is sent again after every reconnect.
+- **transient** (sensor reports, button events, refusals, replies): bounded in number
+  and age; under pressure the oldest are shed and counted. They are never queued
+  through an outage: a reading or a brake press delivered late is wrong.
+
+Nothing unchecked reaches paho: a topic or packet the broker would reject (and paho
+would then resend after every reconnect, forever) is refused here and logged. The
+``outbox`` thread is the only one that hands messages to paho; it keeps at most the
+broker's Receive Maximum unacknowledged, so paho's own queue never fills.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_SUCCESS
+from paho.mqtt.properties import Properties
+
+log = logging.getLogger("smartbiked.outbox")
+
+#: Transient messages waiting at most; past this the oldest is shed.
+MAX_WAITING = 256
+#: A transient message older than this (seconds) is shed rather than sent: a reading
+#: that arrives seconds late misleads more than a missing one.
+MAX_AGE = 2.0
+#: Our own ceiling on a published packet, whatever the broker allows.
+MAX_PACKET = 65536
+#: Unacknowledged messages not confirmed within this many seconds are forgotten (the
+#: connection that carried them is gone; paho resends or drops them itself).
+ACK_TIMEOUT = 30.0
+
+
+class Publisher(Protocol):
+    """What the outbox needs of the connection (implemented by MQTTClient)."""
+
+    broker_max_packet: int | None
+    broker_receive_max: int
+
+    def is_connected(self) -> bool:
+        """True while connected."""
+
+    def publish(self, topic_name: str, payload: Any, qos: int = 1, retain: bool = False,
+                properties: Properties | None = None) -> Any:
+        """Hand one message to paho; returns its MQTTMessageInfo."""
+
+
+@dataclass
+class _Message:
+    topic: str
+    payload: bytes
+    retain: bool
+    properties: Properties | None
+    kind: str  # the counter a shed message of this kind goes to
+    born: float
+
+
+@dataclass
+class Counters:
+    """What the outbox did not send, by reason (shown in the health message)."""
+
+    shed: dict[str, int] = field(default_factory=dict)
+    refused: int = 0  # failed our checks: never handed to paho
+    rejected: int = 0  # the broker answered with a failure reason code
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as flat ``name: count`` pairs."""
+        out = {f"{kind}_shed": n for kind, n in sorted(self.shed.items())}
+        out["publishes_refused"] = self.refused
+        out["publishes_rejected"] = self.rejected
+        return out
+
+
+def packet_problem(topic: str, payload: bytes, properties: Properties | None,
+                   limit: int) -> str | None:
+    """Why a PUBLISH of this topic and payload must not be sent, or None."""
+    if not topic or "+" in topic or "#" in topic or "\0" in topic:
+        return "not a valid topic name"
+    try:
+        topic_bytes = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "topic is not valid UTF-8"
+    if topic_bytes > 65535:
+        return "topic longer than 65535 bytes"
+    props = len(properties.pack()) if properties is not None else 1
+    # Fixed header (at most 5) + topic length field + topic + packet id + properties.
+    size = 5 + 2 + topic_bytes + 2 + props + len(payload)
+    if size > limit:
+        return f"packet of {size} bytes exceeds the limit of {limit}"
+    return None
+
+
+def encode(payload: Any) -> bytes:
+    """Payload bytes: text as UTF-8, bytes as they are, anything else as JSON."""
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    return json.dumps(payload).encode("utf-8")
+
+
+class Outbox:
+    """Queues, checks and sends the daemon's messages; every method is safe from any thread.
+
+    ``warn`` logs one problem (the service passes a rate-limited logger).
+    """
+
+    def __init__(self, client: Publisher, clock: Callable[[], float] = time.monotonic,
+                 max_waiting: int = MAX_WAITING, max_age: float = MAX_AGE) -> None:
+        self.client = client
+        self.clock = clock
+        self.max_waiting = max_waiting
+        self.max_age = max_age
+        self.counters = Counters()
+        self._cond = threading.Condition()
+        self._line: deque[str | _Message] = deque()  # a str is a state topic's place
+        self._state: dict[str, _Message] = {}  # latest payload of every state topic
+        self._queued_state: set[str] = set()  # state topics with a place in the line
+        self._transient = 0
+        self._unacked: dict[int, tuple[float, _Message]] = {}
+        # Acks that overtook publish() returning on the outbox thread.
+        self._early_acks: set[int] = set()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- producers ------------------------------------------------------------------------
+
+    def state(self, topic: str, payload: Any, properties: Properties | None = None) -> None:
+        """Publish retained state: latest wins, always delivered (again after reconnects)."""
+        msg = self._make(topic, payload, True, properties, "state")
+        if msg is None:
+            return
+        with self._cond:
+            self._state[topic] = msg
+            if topic not in self._queued_state:
+                self._queued_state.add(topic)
+                self._line.append(topic)
+            self._cond.notify_all()
+
+    def send(self, topic: str, payload: Any, kind: str,
+             properties: Properties | None = None) -> None:
+        """Publish a transient message; dropped while offline, shed oldest-first when full.
+
+        ``kind`` names its counter: "reports", "events", "refusals", "replies".
+        """
+        msg = self._make(topic, payload, False, properties, kind)
+        if msg is None:
+            return
+        with self._cond:
+            if not self.client.is_connected():
+                self._count_shed(kind)
+                return
+            while self._transient >= self.max_waiting:
+                self._shed_oldest()
+            self._line.append(msg)
+            self._transient += 1
+            self._cond.notify_all()
+
+    def _make(self, topic: str, payload: Any, retain: bool, properties: Properties | None,
+              kind: str) -> _Message | None:
+        try:
+            data = encode(payload)
+        except (TypeError, ValueError) as exc:
+            self._refuse(topic, f"payload cannot be encoded: {exc}")
+            return None
+        problem = packet_problem(topic, data, properties, MAX_PACKET)
+        if problem:
+            self._refuse(topic, problem)
+            return None
+        return _Message(topic, data, retain, properties, kind, self.clock())
+
+    def _refuse(self, topic: str, problem: str) -> None:
+        with self._cond:
+            self.counters.refused += 1
+        log.error("not publishing on %.60r: %s", topic, problem)
+
+    # -- connection events (paho's loop thread) ----------------------------------------------
+
+    def connected(self) -> None:
+        """A (re)connect: every state topic is sent again, in its place at the back."""
+        with self._cond:
+            self._unacked.clear()
+            self._early_acks.clear()
+            for topic in self._state:
+                if topic not in self._queued_state:
+                    self._queued_state.add(topic)
+                    self._line.append(topic)
+            self._cond.notify_all()
+
+    def disconnected(self) -> None:
+        """The connection dropped: transient messages waiting are stale; state waits."""
+        with self._cond:
+            kept: deque[str | _Message] = deque()
+            for item in self._line:
+                if isinstance(item, str):
+                    kept.append(item)
+                else:
+                    self._count_shed(item.kind)
+            self._line = kept
+            self._transient = 0
+            self._cond.notify_all()
+
+    def acknowledged(self, mid: int, reason_code: Any = None) -> None:
+        """The broker acknowledged ``mid`` (on_publish)."""
+        with self._cond:
+            entry = self._unacked.pop(mid, None)
+            if entry is None:
+                self._early_acks.add(mid)
+            if entry is not None and getattr(reason_code, "is_failure", False):
+                self.counters.rejected += 1
+                log.warning("the broker refused the message on %.60r: %s",
+                            entry[1].topic, reason_code)
+            self._cond.notify_all()
+
+    # -- the sending thread -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the ``outbox`` thread."""
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread after it has handed over what it could."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything waiting is sent and acknowledged; False on timeout."""
+        deadline = self.clock() + timeout
+        with self._cond:
+            while self._line or self._unacked:
+                left = deadline - self.clock()
+                if left <= 0 or not self.client.is_connected():
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
+
+    def pending(self) -> int:
+        """Messages waiting or unacknowledged (tests, health)."""
+        with self._cond:
+            return len(self._line) + len(self._unacked)
+
+    def _run(self) -> None:
+        while True:
+            msg = self._next()
+            if msg is None:
+                return
+            try:
+                self._publish(msg)
+            except Exception:
+                log.exception("publishing on %.60r failed", msg.topic)
+
+    def _next(self) -> _Message | None:
+        """Block until a message may be sent; None once closed."""
+        with self._cond:
+            while True:
+                if self._closed and not self._line:
+                    return None
+                self._expire_unacked()
+                if (self._line and self.client.is_connected()
+                        and len(self._unacked) < max(1, self.client.broker_receive_max)):
+                    item = self._line.popleft()
+                    if isinstance(item, str):
+                        self._queued_state.discard(item)
+                        return self._state[item]
+                    self._transient -= 1
+                    if self.clock() - item.born > self.max_age:
+                        self._count_shed(item.kind)
+                        continue
+                    return item
+                self._cond.wait(1.0)
+
+    def _publish(self, msg: _Message) -> None:
+        # Never called with the lock held: paho calls acknowledged() holding its own lock.
+        limit = min(MAX_PACKET, self.client.broker_max_packet or MAX_PACKET)
+        problem = packet_problem(msg.topic, msg.payload, msg.properties, limit)
+        if problem:
+            self._refuse(msg.topic, f"{problem} (the broker's Maximum Packet Size)")
+            return
+        info = self.client.publish(msg.topic, msg.payload, 1, msg.retain, msg.properties)
+        with self._cond:
+            if info.rc in (MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN):
+                # NO_CONN: the connection dropped just now; paho keeps a QoS 1 message
+                # and sends it after the reconnect.
+                if info.mid in self._early_acks:
+                    self._early_acks.discard(info.mid)  # acknowledged before we got here
+                else:
+                    self._unacked[info.mid] = (self.clock(), msg)
+                return
+            # Queue full or another refusal: state is put back to be sent again later.
+            if msg.retain and msg.topic not in self._queued_state:
+                self._queued_state.add(msg.topic)
+                self._line.append(msg.topic)
+            else:
+                self._count_shed(msg.kind)
+        log.warning("paho refused the message on %.60r (rc %s)", msg.topic, info.rc)
+
+    def _expire_unacked(self) -> None:
+        now = self.clock()
+        for mid in [m for m, (t, _) in self._unacked.items() if now - t > ACK_TIMEOUT]:
+            del self._unacked[mid]
+
+    def _shed_oldest(self) -> None:
+        for i, item in enumerate(self._line):
+            if not isinstance(item, str):
+                del self._line[i]
+                self._transient -= 1
+                self._count_shed(item.kind)
+                return
+
+    def _count_shed(self, kind: str) -> None:
+        self.counters.shed[kind] = self.counters.shed.get(kind, 0) + 1
