@@ -155,8 +155,9 @@ _BROKER = (
     Option("certfile", (str,), "", "client certificate for TLS, if the broker wants one"),
     Option("keyfile", (str,), "", "client key for TLS"),
     Option("keepalive", (int,), 30, "seconds between keep-alive pings", between(5, 3600)),
-    Option("reconnect_max", (float,), 16.0, "longest wait between reconnect tries, seconds",
-           between(1, 60)),
+    Option("reconnect_max", (float,), 1.0,
+           "longest wait between reconnect tries, seconds (each wait is 50-100 % of it)",
+           between(0.5, 60)),
     Option("client_id", (str,), "", "MQTT client id (default: smartbiked-<bike id>)"),
     Option("reply_topics", (list,), ["bike/{id}/reply/#"],
            "where MQTT v5 answers may go: topic patterns ({id} is this bike's id, "

@@ -116,7 +116,7 @@ class MQTTClient:
         ca_file: str | None = None,
         certfile: str | None = None,
         keyfile: str | None = None,
-        reconnect_max: float = 16.0,
+        reconnect_max: float = 2.0,
         will: tuple[str, str] | None = None,
         max_packet_size: int | None = None,
     ) -> None:
@@ -168,7 +168,7 @@ class MQTTClient:
         if self.will:
             topic, payload = self.will
             client.will_set(topic, payload, qos=1, retain=True)
-        client.reconnect_delay_set(1, max(1, int(self.reconnect_max)))
+        self._retry_soon(client)
         client.max_queued_messages_set(MAX_QUEUED)
         client.suppress_exceptions = True  # second belt: our handlers catch everything
         client.on_connect = self._handle_connect
@@ -270,7 +270,6 @@ class MQTTClient:
             self._connected_at = time.monotonic()
             if self.backoff:
                 self.backoff = 0.0
-                client.reconnect_delay_set(1, max(1, int(self.reconnect_max)))
             for topic, qos in self._topics.items():
                 client.subscribe(topic, qos)
             self.connected.set()
@@ -281,6 +280,7 @@ class MQTTClient:
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self._paho().last_pass = time.monotonic()
+        self._retry_soon(client)
         self._connect_fails += 1
         # Log the first failure and then every tenth, so a long outage does not flood.
         if self._connect_fails == 1 or self._connect_fails % 10 == 0:
@@ -293,6 +293,7 @@ class MQTTClient:
         self._paho().last_pass = time.monotonic()
         was_connected = self.connected.is_set()
         self.connected.clear()
+        self._retry_soon(client)
         try:
             if was_connected:
                 lasted = time.monotonic() - self._connected_at
@@ -322,10 +323,21 @@ class MQTTClient:
         self._takeovers += 1
         delay *= random.uniform(1.0, 1.5)  # two fighting daemons fall out of step
         self.backoff = delay
-        client.reconnect_delay_set(int(delay), int(delay))
+        client.reconnect_delay_set(delay, delay)
         log.error("broker %s:%s: %s; another client is using the client id %r (a second "
                   "daemon, or another bike configured with the same bike id?); reconnecting "
                   "in %.0f s", self.broker_address, self.port, what, self.client_id, delay)
+
+    def _retry_soon(self, client: mqtt.Client) -> None:
+        """The next reconnect attempt after a jittered 50-100 % of ``reconnect_max``.
+
+        No exponential back-off: a bike's broker is on its LAN, and traffic should flow
+        within about a second of it coming back however long it was away. The jitter
+        keeps a fleet of bikes from reconnecting in lockstep.
+        """
+        if not self.backoff:
+            delay = self.reconnect_max * random.uniform(0.5, 1.0)
+            client.reconnect_delay_set(delay, delay)
 
     def _read_connack(self, properties: Any) -> None:
         self.broker_max_packet = getattr(properties, "MaximumPacketSize", None)

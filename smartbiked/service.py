@@ -156,7 +156,7 @@ class Service:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, lambda n, _frame: self._signals.put(n))
         notify("STATUS=opening hardware")
-        for warning in getattr(cfg, "warnings", ()):
+        for warning in cfg.warnings:
             log.warning("%s", warning)
         self.client.setup_mqtt_client()
         self.client.subscribe(control_filter(cfg.bike_id))
@@ -401,7 +401,9 @@ class Service:
         """The health message: each topic's driver state, counters, version, uptime."""
         drivers: dict[str, dict[str, str]] = {}
         states = dict(self._drivers)
-        for topic, why in self.bike.failed.items():
+        for topic in list(self.bike.drivers):
+            states.setdefault(topic, ("running", None))
+        for topic, why in list(self.bike.failed.items()):
             states.setdefault(topic, ("failed", why))
         for topic, (state, reason) in sorted(states.items()):
             drivers[topic] = {"state": state, **({"reason": reason} if reason else {})}
@@ -458,9 +460,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_problems(exc: ConfigError, out: TextIO) -> None:
-    count = len(exc.problems)
-    noun = "problem" if count == 1 else "problems"
-    print(f"smartbiked: invalid configuration ({count} {noun}):", file=out)
+    print(f"smartbiked: {exc.headline}:", file=out)
     for problem in exc.problems:
         print(f"  {problem}", file=out)
 
@@ -475,8 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_problems(exc, sys.stderr)
         return EX_CONFIG
     if args.check_config:
-        for warning in getattr(cfg, "warnings", ()):
-            print(f"warning: {warning}")
+        for warning in cfg.warnings:
+            print(f"smartbiked: warning: {warning}", file=sys.stderr)
         print(f"{cfg.path}: OK: bike {cfg.bike_id}, {len(cfg.drivers)} drivers "
               f"({', '.join(d.topic for d in cfg.drivers) or 'none'})")
         return 0

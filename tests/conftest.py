@@ -318,3 +318,22 @@ def run_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     for d in daemons:
         d.stop()
         d.notify.close()
+
+
+def retained(broker: Broker, topic: str, timeout: float = 5.0) -> Any:
+    """The message a new subscriber gets on ``topic`` at once: the retained one."""
+    import paho.mqtt.client as mqtt
+
+    reader = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    got: list[Any] = []
+    reader.on_message = lambda client, userdata, msg: got.append(msg)
+    reader.connect(broker.host, broker.port)
+    reader.subscribe(topic, qos=1)
+    reader.loop_start()
+    try:
+        wait_until(lambda: got, timeout, f"a retained message on {topic}")
+    finally:
+        reader.disconnect()
+        reader.loop_stop()
+    assert got[0].retain, f"the message on {topic} is not retained"
+    return got[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -17,7 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from smartbiked.topics import reply_topic_problem
-from tests.conftest import bike_config, wait_until
+from tests.conftest import ROOT, Probe, bike_config, retained, wait_until
 from tests.test_daemon import FAN, send
 from tests.test_service import factory, serve  # noqa: F401  (fixtures)
 
@@ -215,8 +216,10 @@ def test_a_stolen_session_is_named_and_backed_off(broker, probe, run_daemon):
         intruder.loop_stop()
 
 
-def test_after_a_flood_the_retained_state_is_the_pin(broker, probe, serve, factory):  # noqa: F811
+def test_after_a_flood_the_retained_state_is_the_pin(make_broker, serve, factory):  # noqa: F811
     """2,000 fan commands, a third of them invalid: the retained report ends equal to the pin."""
+    # The broker must not drop commands for the bike itself (its queue is 1,000 by default).
+    broker = make_broker(extra=["max_queued_messages 10000"])
     serve(bike_config(broker, FAN))
     pin = factory.pin(12)
     app = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -235,21 +238,8 @@ def test_after_a_flood_the_retained_state_is_the_pin(broker, probe, serve, facto
         app.loop_stop()
     wait_until(lambda: pin.state == pytest.approx(0.9), 30, "the pin to reach 90 %")
 
-    def retained() -> float | None:
-        reader = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        got: list[float] = []
-        reader.on_message = lambda c, u, m: got.append(json.loads(m.payload)["value"])
-        reader.connect(broker.host, broker.port)
-        reader.subscribe("bike/000001/fan/report", qos=1)
-        reader.loop_start()
-        try:
-            wait_until(lambda: got, 5, "the retained fan report")
-        finally:
-            reader.disconnect()
-            reader.loop_stop()
-        return got[0]
-
-    wait_until(lambda: retained() == 90.0, 30, "the retained fan report to say 90")
+    wait_until(lambda: json.loads(retained(broker, "bike/000001/fan/report").payload)["value"]
+               == 90.0, 30, "the retained fan report to say 90")
     assert pin.state == pytest.approx(0.9)
 
 
@@ -258,3 +248,56 @@ def test_reply_topic_checks_refuse_nul_control_characters_and_wildcards():
                   "bike/000001/reply/#", ""):
         assert reply_topic_problem(topic, OWN_REPLIES), repr(topic)
     assert reply_topic_problem("bike/000001/reply/app-1", OWN_REPLIES) is None
+
+
+def _readme_acl() -> tuple[list[str], str]:
+    """The broker settings and ACL file the README recommends, as written there."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("<!-- acl-example:start -->")[1].split("<!-- acl-example:end -->")[0]
+    conf, acl = re.findall(r"```\n(.*?)```", section, re.S)
+    settings = [ln for ln in conf.splitlines() if ln and not ln.startswith("#")
+                and not ln.startswith(("password_file", "acl_file", "allow_anonymous"))]
+    return settings, acl
+
+
+def test_the_readme_acl_lets_the_bike_and_its_app_work_and_protects_the_session(
+        make_broker, run_daemon):
+    settings, acl = _readme_acl()
+    broker = make_broker(users={"smartbiked-000001": "bike-pw", "vr-game": "app-pw",
+                                "other": "other-pw"}, acl=acl, extra=settings)
+    text = bike_config(broker, FAN).replace(
+        "reconnect_max = 1", 'reconnect_max = 1\nusername = "smartbiked-000001"')
+    run_daemon(text, MQTT_PASSWORD="bike-pw")
+    app = Probe(broker)
+    app.username, app._password = "vr-game", "app-pw"
+    app.setup_mqtt_client()
+    app.subscribe("bike/000001/#")
+    app.loop_start()
+    try:
+        assert app.connected.wait(10)
+        app.wait_for("bike/000001/status", lambda m: m.payload == b"online")
+        # One connection per account: with use_username_as_clientid a second "vr-game"
+        # connection would take this one's session.
+        app.publish("bike/000001/fan/control", b"35",
+                    properties=v5("bike/000001/reply/vr", b"1")).wait_for_publish(5)
+        assert json.loads(app.wait_for("bike/000001/reply/vr").payload)["value"] == 35.0
+        # Another account using the bike's client id gets its own user name as client id.
+        intruder = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                               client_id="smartbiked-000001", protocol=mqtt.MQTTv5)
+        intruder.username_pw_set("other", "other-pw")
+        mark = len(app.messages)
+        intruder_in = threading.Event()
+        intruder.on_connect = lambda *args: intruder_in.set()
+        intruder.connect(broker.host, broker.port)
+        intruder.loop_start()
+        assert intruder_in.wait(10)  # a takeover, if any, has happened at the broker now
+        app.publish("bike/000001/fan/control", b"36").wait_for_publish(5)
+        app.json("bike/000001/fan/report", lambda d: d["value"] == 36.0, after=mark)
+        intruder.disconnect()
+        intruder.loop_stop()
+        flaps = [m.payload for m in app.messages[mark:] if m.topic == "bike/000001/status"]
+        assert flaps == [], flaps
+    finally:
+        app.disconnect()
+        app.loop_stop()
+

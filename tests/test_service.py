@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from gpiozero import DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from smartbiked import config as configuration
 from smartbiked import logs
 from smartbiked.hardware import Hardware
 from smartbiked.service import Service
-from tests.conftest import bike_config, wait_until
+from tests.conftest import Broker, NotifySocket, bike_config, wait_until
 from tests.test_daemon import send
 
 BUTTONS_AND_FAN = """
@@ -31,9 +35,25 @@ pin = "GPIO12"
 """
 
 
+class RecordingPin(MockPWMPin):
+    """A mock PWM pin that keeps every value a driver writes, the same value twice too.
+
+    Closing a pin turns it off without a write, so ``writes`` tells a safe value the
+    daemon wrote from the 0 that closing leaves behind.
+    """
+
+    def __init__(self, factory: MockFactory, info: Any) -> None:
+        super().__init__(factory, info)
+        self.writes: list[float] = []
+
+    def _set_state(self, value: float) -> None:
+        super()._set_state(value)
+        self.writes.append(float(value))
+
+
 @pytest.fixture
 def factory() -> Iterator[MockFactory]:
-    f = MockFactory(revision="a02082", pin_class=MockPWMPin)
+    f = MockFactory(revision="a02082", pin_class=RecordingPin)
     yield f
     f.reset()
 
@@ -87,25 +107,181 @@ def test_fan_pin_follows_commands_and_is_safe_after_stop(broker, probe, serve, f
     send(broker, "bike/000001/fan/control", '{"power": 75}')
     probe.json("bike/000001/fan/report", lambda d: d["value"] == 75.0)
     assert fan.state == pytest.approx(0.75)
+    written = len(fan.writes)
     service.shutdown()
-    wait_until(lambda: fan.state == 0, 10, "the fan to stop")
+    # The daemon itself writes the safe value before it lets go of the pin.
+    assert fan.writes[written:] == [0.0]
+    assert fan.state == 0
 
 
-def test_actuators_go_safe_when_the_broker_is_gone_too_long(broker, probe, serve, factory,
-                                                          caplog):
-    serve(bike_config(broker, BUTTONS_AND_FAN))
-    send(broker, "bike/000001/fan/control", "90")
+class Proxy:
+    """A TCP relay to the broker that can cut the line and restore it.
+
+    For the daemon behind it the broker goes away and comes back; a probe connected
+    straight to the broker stays subscribed throughout and sees everything the daemon
+    sends on reconnecting, in order.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self.target = (broker.host, broker.port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self._up = True
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if not self._up:
+                    near.close()  # nobody home: the connect attempt fails
+                    continue
+                try:
+                    far = socket.create_connection(self.target, timeout=5)
+                except OSError:
+                    near.close()  # the broker itself is down: so is the line
+                    continue
+                far.settimeout(None)
+                self._open += [near, far]
+            for src, dst in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        src.close()  # each socket is the source of exactly one pump
+
+    def cut(self) -> None:
+        """Drop every connection (both ends see it at once) and refuse new ones."""
+        with self._lock:
+            self._up = False
+            cut, self._open = self._open, []
+        for s in cut:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def restore(self) -> None:
+        with self._lock:
+            self._up = True
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+@pytest.fixture
+def proxy(broker: Broker) -> Iterator[Proxy]:
+    p = Proxy(broker)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
+    """What the in-process service tells systemd (STATUS lines say when it lost the broker)."""
+    sock = NotifySocket()
+    monkeypatch.setenv("NOTIFY_SOCKET", sock.path)
+    yield sock
+    sock.close()
+
+
+OUTAGE = """
+[service]
+offline_safe_after = 1.0
+
+[button]
+driver = "gpio_buttons"
+pins = { LEFT = "BOARD11", RIGHT = "BOARD12" }
+
+[fan]
+driver = "gpio_pwm"
+pin = "GPIO12"
+
+[cadence]
+driver = "gpio_pulse"
+pin = 5
+interval = 0.1
+"""
+
+
+def bodies(probe, topic: str, after: int = 0) -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for m in probe.messages[after:]
+            if m.topic == f"bike/000001/{topic}/report"]
+
+
+def test_nothing_from_an_outage_is_published_late(broker, proxy, probe, serve, factory,
+                                                  notify):
+    serve(bike_config(broker, OUTAGE, port=proxy.port))
+    status = "bike/000001/status"
+    probe.wait_for(status, lambda m: m.payload == b"online")
+    left, right = factory.pin(17), factory.pin(18)  # BOARD11, BOARD12
+    probe.publish("bike/000001/fan/control", "90")
     probe.json("bike/000001/fan/report", lambda d: d["value"] == 90.0)
-    assert factory.pin(12).state == pytest.approx(0.9)
-    broker.stop()
-    wait_until(lambda: factory.pin(12).state == 0, 10, "the fan to go safe")
-    assert "broker unreachable" in caplog.text
+    probe.json("bike/000001/cadence/report")
+    connected = notify.wait_for("STATUS=connected to*")
+
+    fan = factory.pin(12)
+    written = len(fan.writes)
+    cut = time.monotonic()
+    proxy.cut()
+    lost = probe.wait_for(status, lambda m: m.payload == b"lost")
+    after_lost = probe.messages.index(lost)  # what the old connection sent came before it
+    notify.wait_for("STATUS=reconnecting to*", after=connected)
+    offline = time.time()  # the daemon knows; every reading from now on is "during"
+    left.drive_low()        # a turn signalled while the bike is cut off...
+    left.drive_high()
+    # The hardware thread has run for offline_safe_after (1 s, ten cadence intervals)
+    # since: the fan going safe is the barrier that readings were taken meanwhile.
+    wait_until(lambda: fan.state == 0, 10, "the fan to go safe")
+    assert time.monotonic() - cut >= 1.0, "safe before offline_safe_after had passed"
+    left.drive_low()        # ...and again just before the line is back (still fresh then)
+    left.drive_high()
+    restored = time.time()
+    proxy.restore()
+
+    back = probe.wait_for(status, lambda m: m.payload == b"online", after=after_lost)
+    after_back = probe.messages.index(back)
+    right.drive_low()
+    right.drive_high()
+    probe.json("bike/000001/button/report", lambda d: d == {**d, "button": "RIGHT", "state": 0},
+               after=after_back)
+    probe.json("bike/000001/cadence/report", lambda d: d["timestamp"] >= restored,
+               after=after_back)
+
+    # ...never arrives late: only the press made after the reconnect is published.
+    presses = [(e["button"], e["state"]) for e in bodies(probe, "button", after_lost)]
+    assert presses == [("RIGHT", 1), ("RIGHT", 0)]
+    # No reading taken while cut off is published after it; fresh ones are.
+    stale = [r for r in bodies(probe, "cadence", after_lost)
+             if offline <= r["timestamp"] < restored]
+    assert stale == []
+    # The safe value was written once for the whole outage, and the actuator's new
+    # state (not a stale reading) is reported when the line is back.
+    assert fan.writes[written:] == [0.0]
+    assert bodies(probe, "fan", after_lost)[-1]["value"] == 0.0
 
 
 def test_a_driver_that_fails_to_start_does_not_stop_the_others(broker, probe, serve, factory):
-    # GPIO40 is a valid name but not on this Pi's header: the fan cannot open.
-    text = bike_config(broker, BUTTONS_AND_FAN.replace('pin = "GPIO12"', 'pin = "GPIO40"'))
-    service = serve(text)
+    # The config is valid, but something else holds the fan's pin: the fan cannot open.
+    holder = DigitalOutputDevice("GPIO12", pin_factory=factory)
+    service = serve(bike_config(broker, BUTTONS_AND_FAN))
+    holder.close()
     assert "fan" in service.bike.failed and "button" in service.bike.drivers
     send(broker, "bike/000001/fan/control", "50")
     refusal = probe.json("bike/000001/fan/status")

@@ -117,8 +117,11 @@ def test_every_sensor_reports_at_its_rate_with_the_models_values(
 
     for topic in SENSORS:
         got = reports(probe, topic, mark)
+        # The daemon's own timestamps, so delivery delays do not count. The median gap
+        # shrugs off a few late or skipped ticks on a busy machine, and still tells the
+        # configured 0.25 s from the 1 s default or from twice the rate.
         gaps = [b["timestamp"] - a["timestamp"] for a, b in zip(got, got[1:], strict=False)]
-        assert 0.2 < statistics.fmean(gaps) < 0.3, (topic, gaps)
+        assert 0.15 < statistics.median(gaps) < 0.45, (topic, gaps)
         assert {r["unitName"] for r in got} == {
             {"speed": "m/s", "cadence": "RPM", "power": "W", "heartrate": "BPM"}[topic]}
     last = {t: [r["value"] for r in reports(probe, t, mark)[-5:]] for t in SENSORS}

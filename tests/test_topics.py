@@ -177,10 +177,7 @@ def test_arbitrary_bytes_never_raise_and_accepted_values_are_in_range(topic, pay
 @settings(max_examples=600, deadline=None)
 @given(st.sampled_from(sorted(LIMITS)), json_values)
 def test_arbitrary_json_never_raises_and_accepted_values_are_in_range(name, value):
-    try:
-        payload = json.dumps(value).encode()
-    except ValueError:
-        return
+    payload = json.dumps(value).encode()
     _check(parse_command(f"bike/{BIKE}/{name}/control", payload, BIKE, LIMITS))
 
 
