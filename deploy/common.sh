@@ -21,7 +21,9 @@ UNIT_DIR=/etc/systemd/system
 UNIT=$UNIT_DIR/$NAME.service
 BIN_DIR=/usr/local/bin
 COMMANDS=(smartbiked smartbike)
-SECRETS=("$ETC/env" "$ETC/mqtt-password" "$ETC/mqtt-client.key")
+# Made root-only by install.sh: systemd reads them and hands them over. (A TLS client
+# key is left as the operator set it: the daemon reads its `keyfile` itself.)
+SECRETS=("$ETC/env" "$ETC/mqtt-password")
 
 # A root shell with umask 077 (some sudo setups) would make the venv unreadable for
 # the service's own user.
@@ -33,6 +35,14 @@ die() { printf '%s: %s\n' "${0##*/}" "$*" >&2; exit 1; }
 need_root() { [[ $(id -u) -eq 0 ]] || die "run as root (sudo $0)"; }
 
 systemd_running() { [[ -d /run/systemd/system ]]; }
+
+# Two installs (or an install and a rollback) at once would fight over releases/ and
+# the symlinks. Held until the script exits.
+take_install_lock() {
+    mkdir -p /run/lock
+    exec 9>"/run/lock/$NAME-install.lock"
+    flock -n 9 || die "another install, rollback or uninstall is running"
+}
 
 # The release a symlink (current, previous) points to, as a full path; empty if none.
 release_of() {

@@ -37,9 +37,7 @@ done
 [[ -z $wheelhouse || -d $wheelhouse ]] || die "no such directory: $wheelhouse"
 command -v apt-get >/dev/null || die "needs a Debian-based system (apt-get)"
 
-# Two installs at once would fight over releases/ and the symlinks.
-exec 9>"/run/lock/$NAME-install.lock"
-flock -n 9 || die "another install, rollback or uninstall is running"
+take_install_lock
 
 # ---- packages ---------------------------------------------------------------------
 # python3-systemd from apt (pip would have to compile it against libsystemd-dev);
@@ -172,14 +170,24 @@ if ! check_config_with "$release"; then
 fi
 
 # ---- switch -----------------------------------------------------------------------
+# 0.1.0 had one venv in place at $PREFIX/venv. Its path stays valid (a drop-in may
+# name it) as a link to the current release; the old files go once switched.
+old_venv=
+if [[ -d $PREFIX/venv && ! -L $PREFIX/venv ]]; then
+    old_venv=$PREFIX/venv.0.1-old
+    rm -rf "$old_venv"
+    mv -T "$PREFIX/venv" "$old_venv"
+fi
+if [[ ! -e $PREFIX/venv ]]; then
+    ln -sfn current "$PREFIX/venv"
+fi
 first=
 [[ -e $UNIT ]] || first=first
 switch_to "$release" "$first"
 new=
-# 0.1.0 installed one venv in place; nothing points at it any more.
-if [[ -d $PREFIX/venv && ! -L $PREFIX/venv ]]; then
-    say "removing the old in-place venv $PREFIX/venv"
-    rm -rf "$PREFIX/venv"
+if [[ -n $old_venv ]]; then
+    say "removed the in-place venv of 0.1.0 ($PREFIX/venv is now a link to current)"
+    rm -rf "$old_venv"
 fi
 prune_releases
 if systemd_running; then

@@ -19,8 +19,7 @@ case ${1:-} in
     *) die "unknown argument $1 (try --help)" ;;
 esac
 need_root
-exec 9>"/run/lock/$NAME-install.lock"
-flock -n 9 || die "another install, rollback or uninstall is running"
+take_install_lock
 
 current=$(release_of current)
 previous=$(release_of previous)

@@ -33,7 +33,8 @@ CONFIG = "/etc/smartbiked/smartbike.toml"
 MAX_EXPOSURE = 1.5
 #: Scripts an operator runs: committed with the execute bit (`sudo deploy/install.sh`).
 OPERATOR_SCRIPTS = ["deploy/install.sh", "deploy/rollback.sh", "deploy/uninstall.sh",
-                    "deploy/update-lock.sh", "scripts/system-test"]
+                    "deploy/update-lock.sh", "scripts/system-test",
+                    "scripts/system-test-arm64"]
 
 
 def systemd_analyze() -> str:
