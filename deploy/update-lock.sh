@@ -32,8 +32,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 specs=()
 for name in "${order[@]}"; do specs+=("$name==${pins[$name]}"); done
-python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-    --dest "$work" "${specs[@]}"
+# A throw-away venv: Debian's python3 may have no pip of its own.
+python3 -m venv "$work/venv"
+"$work/venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
+    --only-binary=:all: --dest "$work/wheels" "${specs[@]}"
 
 {
     sed -n '/^[^#]/q;p' "$LOCK"   # the comment block at the top, unchanged
@@ -43,7 +45,7 @@ python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-bin
         pattern=$(printf '%s' "$name" | sed 's/[-_.]/[-_.]/g')
         wheels=()
         while IFS= read -r w; do wheels+=("$w"); done < <(
-            find "$work" -maxdepth 1 -iregex ".*/${pattern}-${pins[$name]//./\\.}-.*\\.whl")
+            find "$work/wheels" -maxdepth 1 -iregex ".*/${pattern}-${pins[$name]//./\\.}-.*\\.whl")
         ((${#wheels[@]} == 1)) || die "expected one wheel for $name==${pins[$name]}, got ${#wheels[@]}"
         [[ ${wheels[0]} == *-none-any.whl ]] || die "${wheels[0]##*/} is not a pure-Python wheel"
         hash=$(sha256sum "${wheels[0]}" | cut -d' ' -f1)
