@@ -30,7 +30,9 @@ from smartbiked.errors import ConfigError, ConfigProblem
 from smartbiked.hardware import DRIVERS, Actuator, Option, SerialBoard
 from smartbiked.hardware.base import REQUIRED, at_least, between, regex
 from smartbiked.hardware.gpio import GpioDriver, PinPlace, resolve_pin
+from smartbiked.homeassistant import HomeAssistantSettings
 from smartbiked.topics import TOPICS, Limits
+from smartbiked.trainer import DEFAULT_CALIBRATION, TrainerSettings
 
 DEFAULT_PATH = Path("/etc/smartbiked/smartbike.toml")
 #: The file name looked up in systemd's $CREDENTIALS_DIRECTORY (LoadCredential=).
@@ -58,6 +60,8 @@ class BrokerSettings:
     reconnect_max: float
     client_id: str
     reply_topics: tuple[str, ...] = ("bike/{id}/reply/#",)
+    #: Every broker this bike may use, the first being host:port.
+    addresses: tuple[tuple[str, int], ...] = ()
     max_packet_size: int = 4096
 
 
@@ -84,6 +88,10 @@ class Config:
     #: Risky settings that still work (never a secret in the text): printed by
     #: --check-config and logged at start-up.
     warnings: tuple[str, ...] = ()
+    #: ``[trainer]``: target power (ERG) and grade simulation.
+    trainer: TrainerSettings = TrainerSettings()
+    #: ``[homeassistant]``: MQTT discovery.
+    homeassistant: HomeAssistantSettings = HomeAssistantSettings()
 
     def actuator_limits(self) -> dict[str, Limits]:
         """The limits of every actuator this bike has, by topic."""
@@ -92,6 +100,21 @@ class Config:
             for d in self.drivers
             if issubclass(DRIVERS[d.kind], Actuator)
         }
+
+    def control_limits(self) -> dict[str, Limits]:
+        """Every topic this bike takes commands on, with its limits (parse_command's map).
+
+        The actuators, plus ``targetpower`` (with a power sensor) and ``grade`` (with a
+        speed sensor) when ``[trainer]`` is enabled.
+        """
+        limits = self.actuator_limits()
+        if self.trainer.enabled and "resistance" in limits:
+            sensors = {d.topic for d in self.drivers}
+            if "power" in sensors:
+                limits["targetpower"] = Limits(0.0, self.trainer.max_power)
+            if "speed" in sensors:
+                limits["grade"] = Limits(TOPICS["grade"].low, TOPICS["grade"].high)
+        return limits
 
 
 def _looks_secret(key: str) -> bool:
@@ -129,6 +152,36 @@ def _reply_patterns_check(v: list[Any]) -> str | None:
     return None
 
 
+def parse_address(text: str, default_port: int) -> tuple[str, int] | None:
+    """``host``, ``host:port`` or ``[v6]:port`` -> (host, port); None if it is not one."""
+    text = text.strip()
+    host, port = text, default_port
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                return None
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, number = text.partition(":")
+        if not number.isdigit():
+            return None
+        port = int(number)
+    if _host_check(host) or _port_check(port):
+        return None
+    return host, port
+
+
+def _hosts_check(v: list[Any]) -> str | None:
+    for item in v:
+        if not isinstance(item, str) or parse_address(item, 1883) is None:
+            return f"{item!r} is not host, host:port or [address]:port"
+    return None
+
+
 def _host_check(v: str) -> str | None:
     try:
         v.encode("idna")
@@ -146,6 +199,10 @@ _BIKE = (
 _BROKER = (
     Option("host", (str,), "localhost", "broker host name or address", _host_check),
     Option("port", (int,), 1883, "broker port", _port_check),
+    Option("failover_hosts", (list,), [],
+           'more brokers for this bike ("host" or "host:port"; the port defaults to port): '
+           "the bike uses one of host and these, tried in an order shuffled per bike, and "
+           "moves on when one fails", _hosts_check),
     Option("username", (str,), "", "account name; empty for an anonymous broker"),
     Option("password_file", (str,), "", "file holding the password (mode 0600)"),
     Option("password_credential", (str,), DEFAULT_CREDENTIAL,
@@ -171,6 +228,110 @@ _SERVICE = (
     Option("offline_safe_after", (float,), 60.0,
            "seconds without the broker before actuators go to their safe values", at_least(0)),
 )
+
+
+
+def _calibration_check(v: list[Any]) -> str | None:
+    rule = ("must be a list of [resistance %, watts] pairs, both rising, e.g. "
+            "[[0, 25], [50, 250], [100, 650]]")
+    if len(v) < 2:
+        return rule
+    for pair in v:
+        if (not isinstance(pair, list) or len(pair) != 2
+                or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                       or not math.isfinite(x) for x in pair)):
+            return rule
+    if any(not 0 <= p <= 100 for p, _ in v) or any(w <= 0 for _, w in v):
+        return "resistance must lie in 0..100 and watts above 0"
+    if any(b[0] <= a[0] or b[1] <= a[1] for a, b in zip(v, v[1:], strict=False)):
+        return "resistance and watts must both rise from one pair to the next"
+    return None
+
+
+def _one_of(*choices: str) -> Any:
+    def check(v: str) -> str | None:
+        return None if v in choices else f"must be one of: {', '.join(choices)}"
+    return check
+
+
+def _prefix_check(v: str) -> str | None:
+    if not v or v.startswith("/") or v.endswith("/") or any(c in v for c in "+#\0"):
+        return "must be a topic prefix without + or #, not starting or ending with /"
+    return None if v.isprintable() else "must be printable"
+
+
+_TRAINER = (
+    Option("enabled", (bool,), False,
+           "offer target power (ERG, with a [power] sensor) and grade simulation (with a "
+           "[speed] sensor) on targetpower/control and grade/control; needs [resistance]"),
+    Option("calibration", (list,), [[round(p), round(w)] for p, w in DEFAULT_CALIBRATION],
+           "resistance % -> braking watts at calibration_at, as rising pairs "
+           "(see Calibrating resistance)", _calibration_check),
+    Option("calibration_sensor", (str,), "cadence",
+           "what the brake's speed follows: cadence (brake turned by the cranks) or speed "
+           "(brake on the wheel, after the gears)", _one_of("cadence", "speed")),
+    Option("calibration_at", (float,), 90.0,
+           "the cadence (RPM) or speed (m/s) the calibration was ridden at",
+           at_least(0, strict=True)),
+    Option("calibration_exponent", (float,), 1.6,
+           "braking power grows as (reading / calibration_at) ** this: about 1 for a "
+           "friction pad, 1.2 to 2 for magnets", between(0, 3)),
+    Option("max_power", (float,), 1500.0, "highest target power accepted, W",
+           between(50, TOPICS["targetpower"].high)),
+    Option("erg_gain", (float,), 0.15,
+           "how fast ERG corrects the calibration, per second (higher: faster and "
+           "more restless)", between(0, 2)),
+    Option("power_filter", (float,), 1.5, "seconds of power smoothing ERG corrects on",
+           between(0, 10)),
+    Option("resistance_rate", (float,), 10.0,
+           "most resistance % per second ERG and grade simulation move",
+           between(0.5, 100)),
+    Option("min_change", (float,), 0.5, "smallest resistance change worth a motor move, %",
+           between(0, 10)),
+    Option("min_cadence", (float,), 30.0,
+           "below this cadence (RPM) the rider has stopped: resistance holds",
+           between(0, 100)),
+    Option("settle", (float,), 2.0,
+           "seconds after a move or a restart before ERG trusts the power reading again",
+           between(0, 30)),
+    Option("sensor_timeout", (float,), 5.0,
+           "seconds without a power (ERG) or speed (grade) reading before the mode is "
+           "left; resistance holds", between(1, 60)),
+    Option("mass", (float,), 85.0, "rider and bike in kg, for grade simulation",
+           between(20, 250)),
+    Option("crr", (float,), 0.004, "rolling resistance when a grade command gives none",
+           between(0, 0.05)),
+    Option("cda", (float,), 0.32, "drag area CdA in m^2 when a grade command gives none",
+           between(0, 2)),
+    Option("air_density", (float,), 1.225, "air density in kg/m^3, for grade simulation",
+           between(0.5, 1.5)),
+    Option("grade_gain", (float,), 1.0,
+           "the simulated grade is grade * grade_gain + grade_offset (0.5: climbs feel "
+           "half as steep)", between(0, 2)),
+    Option("grade_offset", (float,), 0.0, "percent added to every grade", between(-10, 10)),
+    Option("incline_follows_grade", (bool,), False,
+           "grade also tilts the incline actuator (a frame moving under a rider: the "
+           "operator's decision); needs [incline]"),
+    Option("incline_min", (float,), -5.0, "lowest tilt grade may set, degrees",
+           between(TOPICS["incline"].low, TOPICS["incline"].high)),
+    Option("incline_max", (float,), 10.0, "highest tilt grade may set, degrees",
+           between(TOPICS["incline"].low, TOPICS["incline"].high)),
+    Option("incline_rate", (float,), 0.5, "most degrees per second grade tilts the frame",
+           between(0.05, 5)),
+)
+_HOMEASSISTANT = (
+    Option("enabled", (bool,), False,
+           "publish Home Assistant MQTT discovery for this bike (retained)"),
+    Option("prefix", (str,), "homeassistant", "discovery prefix (Home Assistant's MQTT "
+           "settings); {prefix}/status online republishes", _prefix_check),
+    Option("name", (str,), "", "the device's name in Home Assistant (default: Smartbike <id>)"),
+)
+#: The fixed tables in the order the configuration reference shows them.
+TABLES = (("[bike]", _BIKE), ("[broker]", _BROKER), ("[service]", _SERVICE),
+          ("[trainer]", _TRAINER), ("[homeassistant]", _HOMEASSISTANT))
+#: Topics served by a driver table of their own ([fan], [cadence]...).
+DRIVER_TOPICS = tuple(t for t, spec in TOPICS.items()
+                      if spec.kind in ("actuator", "sensor", "event"))
 
 #: Old drivers' variables -> (table, key, type) they override.
 ENV_OVERRIDES = {
@@ -257,11 +418,11 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
         raise ConfigError(check.problems) from None
 
     _apply_env(raw, env, check)
-    known = {"bike", "broker", "service", "serial", *TOPICS}
+    known = {"bike", "broker", "service", "serial", "trainer", "homeassistant", *DRIVER_TOPICS}
     for name in raw:
         if name not in known:
             check.add(name, "", "unknown table; known tables: bike, broker, service, serial, "
-                      "and one per topic: " + ", ".join(TOPICS))
+                      "trainer, homeassistant, and one per topic: " + ", ".join(DRIVER_TOPICS))
 
     raw_bike = raw.get("bike", {})
     if isinstance(raw_bike, dict) and isinstance(raw_bike.get("id"), int):
@@ -286,10 +447,13 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
 
     serial = _serial_tables(raw.get("serial", {}), check)
     drivers = tuple(
-        d for name in TOPICS if name in raw
+        d for name in DRIVER_TOPICS if name in raw
         if (d := _driver_table(name, raw[name], serial, check)) is not None
     )
     _shared_pins(sorted(drivers, key=lambda d: list(raw).index(d.topic)), check)
+    trainer = check.table("trainer", raw.get("trainer", {}), _TRAINER)
+    _check_trainer(trainer, drivers, check)
+    homeassistant = check.table("homeassistant", raw.get("homeassistant", {}), _HOMEASSISTANT)
     if check.problems:
         raise ConfigError(check.problems)
     warnings = _warnings(broker, password, password_from,
@@ -306,12 +470,46 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
             client_id=broker["client_id"] or f"smartbiked-{bike_id}",
             reply_topics=tuple(p.replace("{id}", bike_id) for p in broker["reply_topics"]),
             max_packet_size=broker["max_packet_size"],
+            addresses=_addresses(broker),
         ),
         offline_safe_after=service["offline_safe_after"],
         serial=serial,
         drivers=drivers,
         warnings=tuple(warnings),
+        trainer=TrainerSettings.from_options(trainer),
+        homeassistant=HomeAssistantSettings(**homeassistant),
     )
+
+
+def _check_trainer(trainer: dict[str, Any], drivers: tuple[DriverSettings, ...],
+                   check: _Checker) -> None:
+    """What [trainer] needs from the rest of the bike, named against its own keys."""
+    if any(p.table == "trainer" for p in check.problems):
+        return
+    topics = {d.topic: d for d in drivers}
+    if trainer["enabled"]:
+        if "resistance" not in topics:
+            check.add("trainer", "enabled", "needs a [resistance] actuator", True)
+        if "power" not in topics and "speed" not in topics:
+            check.add("trainer", "enabled", "needs a [power] sensor (target power) or a "
+                      "[speed] sensor (grade simulation)", True)
+        sensor = trainer["calibration_sensor"]
+        if sensor not in topics:
+            check.add("trainer", "calibration_sensor", f"this bike has no [{sensor}] sensor",
+                      sensor)
+    if trainer["incline_min"] >= trainer["incline_max"]:
+        check.add("trainer", "incline_max", "must be above incline_min",
+                  trainer["incline_max"])
+    if trainer["incline_follows_grade"]:
+        incline = topics.get("incline")
+        if incline is None:
+            check.add("trainer", "incline_follows_grade", "needs an [incline] actuator", True)
+            return
+        low, high = incline.options["min"], incline.options["max"]
+        for key in ("incline_min", "incline_max"):
+            if not low <= trainer[key] <= high:
+                check.add("trainer", key, f"must lie within [incline] min..max "
+                          f"({low:g}..{high:g})", trainer[key])
 
 
 def _shared_pins(drivers: list[DriverSettings], check: _Checker) -> None:
@@ -386,6 +584,16 @@ def _may_hold_password(env_file: Path) -> bool:
     except OSError:
         return True  # group-readable but not by us: it may
     return re.search(r"^\s*(export\s+)?MQTT_PASSWORD\s*=", text, re.MULTILINE) is not None
+
+
+def _addresses(broker: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """host:port first, then each failover host once (already validated)."""
+    found = [(broker["host"], broker["port"])]
+    for text in broker["failover_hosts"]:
+        address = parse_address(text, broker["port"])
+        if address is not None and address not in found:
+            found.append(address)
+    return tuple(found)
 
 
 def _fullmatch(pattern: str, text: str) -> bool:

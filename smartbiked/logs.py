@@ -106,7 +106,9 @@ def journal_handler(sender: Callable[..., Any] | None = None) -> logging.Handler
     """A JournalHandler tagged ``smartbiked``; ``sender`` replaces journal.send in tests."""
     from systemd.journal import JournalHandler, send
 
-    return JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER, sender_function=sender or send)
+    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER,
+                                              sender_function=sender or send)
+    return handler
 
 
 def setup(bike_id: str = "", level: int = logging.INFO, use_journal: bool | None = None,

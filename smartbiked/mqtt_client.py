@@ -27,7 +27,7 @@ from typing import Any
 
 try:
     import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 except ImportError as exc:  # Debian's python3-paho-mqtt is 1.6, without CallbackAPIVersion
     raise ImportError(
         "smartbiked needs paho-mqtt 2.x (pip install 'paho-mqtt>=2,<3'); "
@@ -52,6 +52,8 @@ TAKEOVER_RESET_AFTER = 120.0
 #: the broker closed within SHORT_CONNECTION seconds are treated as a takeover too.
 SHORT_RUN = 3
 SHORT_CONNECTION = 30.0
+#: A refused subscription is asked for this many times before the broker is given up.
+SUBSCRIBE_TRIES = 2
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -60,6 +62,13 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, AttributeError):
         pass  # not a TCP socket (websockets, unix): nothing to tune
+
+
+def _set_reconnect_delay(client: mqtt.Client, delay: float) -> None:
+    """Make paho wait ``delay`` seconds before each reconnect attempt (no back-off)."""
+    # paho annotates the delays as int, but only adds them to monotonic() and compares
+    # them: a float works, and the fractional part is the jitter we want.
+    client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
 
 class _LivenessClient(mqtt.Client):
@@ -79,15 +88,15 @@ class _LivenessClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self._write_lock = threading.RLock()
 
-    def loop_write(self) -> mqtt.MQTTErrorCode:
+    def loop_write(self) -> MQTTErrorCode:
         with self._write_lock:
             return super().loop_write()
 
-    def loop_misc(self) -> mqtt.MQTTErrorCode:
+    def loop_misc(self) -> MQTTErrorCode:
         self.last_pass = time.monotonic()
         return super().loop_misc()
 
-    def reconnect(self) -> mqtt.MQTTErrorCode:
+    def reconnect(self) -> MQTTErrorCode:
         # paho swallows why a connect failed; keep it so the log can say (TLS, DNS, ...).
         try:
             return super().reconnect()
@@ -119,6 +128,7 @@ class MQTTClient:
         reconnect_max: float = 2.0,
         will: tuple[str, str] | None = None,
         max_packet_size: int | None = None,
+        addresses: list[tuple[str, int]] | None = None,
     ) -> None:
         self.broker_address = broker_address
         self.username = username
@@ -141,6 +151,10 @@ class MQTTClient:
         self.broker_receive_max = 20
         #: Seconds of reconnect back-off imposed after a session takeover (0: none).
         self.backoff = 0.0
+        #: Every broker to use, tried in this order; the first is (broker_address, port).
+        #: ``broker_address`` and ``port`` always name the one in use now.
+        self.addresses = list(addresses or [(broker_address, port)])
+        self.broker_address, self.port = self.addresses[0]
         self.client: _LivenessClient | None = None
         self.connected = threading.Event()
         #: The broker's reason for refusing the latest connect (bad login...), or None.
@@ -149,6 +163,11 @@ class MQTTClient:
         self._connect_fails = 0
         self._takeovers = 0
         self._short_run = 0
+        self._closing = False
+        self._switching = False
+        self._connect_props: Properties | None = None
+        self._suback_pending: dict[int, str] = {}  # SUBSCRIBE mid -> topic, this connection
+        self._suback_failures = 0
         self._connected_at = 0.0
 
     def __repr__(self) -> str:
@@ -178,11 +197,11 @@ class MQTTClient:
         client.on_subscribe = self._handle_subscribe
         client.on_publish = self._handle_publish
         client.on_socket_open = _no_delay
-        props = None
         if self.max_packet_size:
-            props = Properties(PacketTypes.CONNECT)
-            props.MaximumPacketSize = self.max_packet_size
-        client.connect_async(self.broker_address, self.port, self.keepalive, properties=props)
+            self._connect_props = Properties(PacketTypes.CONNECT)
+            self._connect_props.MaximumPacketSize = self.max_packet_size
+        client.connect_async(self.broker_address, self.port, self.keepalive,
+                             properties=self._connect_props)
         self.client = client
 
     def subscribe(self, topic_name: str, qos: int = 1) -> None:
@@ -219,6 +238,9 @@ class MQTTClient:
     def on_disconnect(self, reason_code: Any) -> None:
         """Called when an established connection is lost or closed."""
 
+    def on_ready(self) -> None:
+        """Called once the broker granted every subscription of a new connection."""
+
     def on_publish(self, mid: int, reason_code: Any) -> None:
         """Called when the broker acknowledged the QoS 1 message ``mid`` (from the loop)."""
 
@@ -238,6 +260,7 @@ class MQTTClient:
 
     def disconnect(self) -> None:
         """Close the connection cleanly; makes :meth:`loop_forever` return."""
+        self._closing = True
         self._paho().disconnect()
 
     # -- extensions ----------------------------------------------------------------------
@@ -270,23 +293,53 @@ class MQTTClient:
             self._connected_at = time.monotonic()
             if self.backoff:
                 self.backoff = 0.0
+            self._suback_pending.clear()
+            self._suback_failures = 0
+            self._switching = False
             for topic, qos in self._topics.items():
-                client.subscribe(topic, qos)
+                self._subscribe(client, topic, qos)
             self.connected.set()
             log.info("connected to %s:%s", self.broker_address, self.port)
             self.on_connect(client, userdata, flags, reason_code, properties)
+            if not self._suback_pending:
+                self.on_ready()
         except Exception:
             log.exception("error in on_connect")
+
+    def _subscribe(self, client: mqtt.Client, topic: str, qos: int) -> None:
+        result, mid = client.subscribe(topic, qos)
+        if mid is not None:
+            self._suback_pending[mid] = topic
+
+    def _move_on(self, client: mqtt.Client, why: str, force: bool = False) -> None:
+        """Use the next broker: the one in use failed or cannot be reached.
+
+        With a single broker nothing changes, unless ``force``: then the connection is
+        dropped and made again (paho's loop reconnects after the usual delay).
+        """
+        if self._closing or (len(self.addresses) < 2 and not force):
+            return
+        now = self.addresses.index((self.broker_address, self.port)) if (
+            (self.broker_address, self.port) in self.addresses) else -1
+        self.broker_address, self.port = self.addresses[(now + 1) % len(self.addresses)]
+        log.warning("%s; trying broker %s:%s next", why, self.broker_address, self.port)
+        self._switching = True  # the disconnect this causes is not another failure
+        # connect_async() from a callback is paho's public way to change the address:
+        # it closes the socket, and loop_forever() reconnects to the new one.
+        client.connect_async(self.broker_address, self.port, self.keepalive,
+                             properties=self._connect_props)
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self._paho().last_pass = time.monotonic()
         self._retry_soon(client)
         self._connect_fails += 1
+        failed_at = f"{self.broker_address}:{self.port}"
         # Log the first failure and then every tenth, so a long outage does not flood.
         if self._connect_fails == 1 or self._connect_fails % 10 == 0:
             log.warning("cannot reach broker %s:%s (attempt %d): %s; retrying",
                         self.broker_address, self.port, self._connect_fails,
                         self._paho().last_error or "connection failed")
+        self._move_on(client, f"cannot reach broker {failed_at}")
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                            reason_code: Any, properties: Any) -> None:
@@ -307,11 +360,18 @@ class MQTTClient:
                     self._taken_over(client, f"session taken over? the broker closed the "
                                      f"last {self._short_run} connections within "
                                      f"{SHORT_CONNECTION:.0f} s ({reason_code})")
+                elif self._switching:
+                    self._switching = False
+                    log.info("disconnected: moving to broker %s:%s", self.broker_address,
+                             self.port)
                 else:
                     # Our own disconnect() is routine; anything else is worth a warning.
                     level = logging.INFO if reason_code == 0 else logging.WARNING
                     log.log(level, "disconnected from broker: %s", reason_code)
+                    self._move_on(client, f"lost broker {self.broker_address}:{self.port}")
                 self.on_disconnect(reason_code)
+            elif self.refused:
+                self._move_on(client, f"broker {self.broker_address}:{self.port} refused us")
         except Exception:
             log.exception("error in on_disconnect")
 
@@ -323,7 +383,7 @@ class MQTTClient:
         self._takeovers += 1
         delay *= random.uniform(1.0, 1.5)  # two fighting daemons fall out of step
         self.backoff = delay
-        client.reconnect_delay_set(delay, delay)
+        _set_reconnect_delay(client, delay)
         log.error("broker %s:%s: %s; another client is using the client id %r (a second "
                   "daemon, or another bike configured with the same bike id?); reconnecting "
                   "in %.0f s", self.broker_address, self.port, what, self.client_id, delay)
@@ -337,7 +397,7 @@ class MQTTClient:
         """
         if not self.backoff:
             delay = self.reconnect_max * random.uniform(0.5, 1.0)
-            client.reconnect_delay_set(delay, delay)
+            _set_reconnect_delay(client, delay)
 
     def _read_connack(self, properties: Any) -> None:
         self.broker_max_packet = getattr(properties, "MaximumPacketSize", None)
@@ -352,9 +412,27 @@ class MQTTClient:
 
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                           reason_codes: Any, properties: Any) -> None:
-        for code in reason_codes:
-            if code.is_failure:
-                log.error("subscription refused by the broker: %s", code)
+        try:
+            topic = self._suback_pending.pop(mid, None)
+            failed = [code for code in reason_codes if code.is_failure]
+            if topic is None:
+                return
+            if not failed:
+                if not self._suback_pending:
+                    self.on_ready()
+                return
+            # Connected but deaf would be the worst state: an "online" bike that ignores
+            # every command. Ask once more, then give up on this broker.
+            self._suback_failures += 1
+            log.error("broker %s:%s refused the subscription to %s: %s",
+                      self.broker_address, self.port, topic, failed[0])
+            if self._suback_failures < SUBSCRIBE_TRIES:
+                self._subscribe(client, topic, self._topics.get(topic, 1))
+            else:
+                self._move_on(client, f"cannot subscribe at {self.broker_address}:{self.port}",
+                              force=True)
+        except Exception:
+            log.exception("error in on_subscribe")
 
     def _handle_message(self, client: mqtt.Client, userdata: Any,
                         msg: mqtt.MQTTMessage) -> None:

@@ -36,7 +36,7 @@ log = logging.getLogger("smartbiked.outbox")
 MAX_WAITING = 256
 #: A transient message older than this (seconds) is shed rather than sent: a reading
 #: that arrives seconds late misleads more than a missing one.
-MAX_AGE = 2.0
+MAX_AGE = 1.0
 #: Our own ceiling on a published packet, whatever the broker allows.
 MAX_PACKET = 65536
 #: Unacknowledged messages not confirmed within this many seconds are forgotten (the
@@ -73,12 +73,14 @@ class Counters:
     """What the outbox did not send, by reason (shown in the health message)."""
 
     shed: dict[str, int] = field(default_factory=dict)
+    offline: int = 0  # transient messages dropped because the broker was away
     refused: int = 0  # failed our checks: never handed to paho
     rejected: int = 0  # the broker answered with a failure reason code
 
     def as_dict(self) -> dict[str, int]:
         """The counters as flat ``name: count`` pairs."""
         out = {f"{kind}_shed": n for kind, n in sorted(self.shed.items())}
+        out["dropped_offline"] = self.offline
         out["publishes_refused"] = self.refused
         out["publishes_rejected"] = self.rejected
         return out
@@ -161,7 +163,7 @@ class Outbox:
             return
         with self._cond:
             if not self.client.is_connected():
-                self._count_shed(kind)
+                self.counters.offline += 1
                 return
             while self._transient >= self.max_waiting:
                 self._shed_oldest()
@@ -208,7 +210,7 @@ class Outbox:
                 if isinstance(item, str):
                     kept.append(item)
                 else:
-                    self._count_shed(item.kind)
+                    self.counters.offline += 1
             self._line = kept
             self._transient = 0
             self._cond.notify_all()
@@ -324,3 +326,5 @@ class Outbox:
 
     def _count_shed(self, kind: str) -> None:
         self.counters.shed[kind] = self.counters.shed.get(kind, 0) + 1
+        # The log's flood guard turns a burst of these into one line with a count.
+        log.warning("outbox under pressure: shed the oldest waiting message (%s)", kind)

@@ -6,7 +6,7 @@ test keeps the two in step, so the documentation cannot drift from the loader.
 
 from __future__ import annotations
 
-from smartbiked.config import _BIKE, _BROKER, _SERVICE
+from smartbiked.config import TABLES
 from smartbiked.hardware import DRIVERS, Option, SerialBoard
 from smartbiked.hardware.base import REQUIRED
 
@@ -38,8 +38,7 @@ def _table(options: tuple[Option, ...] | dict[str, Option]) -> list[str]:
 def markdown() -> str:
     """The reference as Markdown."""
     out: list[str] = []
-    for title, options in (("[bike]", _BIKE), ("[broker]", _BROKER), ("[service]", _SERVICE),
-                           ("[serial.NAME]", SerialBoard.OPTIONS)):
+    for title, options in (*TABLES, ("[serial.NAME]", SerialBoard.OPTIONS)):
         out += [f"#### `{title}`", "", *_table(options), ""]
     for kind, cls in DRIVERS.items():
         topics = ", ".join(sorted(cls.TOPICS))

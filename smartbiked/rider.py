@@ -261,3 +261,149 @@ def _towards(value: float, target: float, most: float) -> float:
     if abs(target - value) <= most:
         return target
     return value + math.copysign(most, target - value)
+
+
+# --------------------------------------------------------------------------- on a brake
+
+@dataclass(frozen=True)
+class Brake:
+    """The resistance brake as physics sees it: the power it absorbs, by resistance and speed.
+
+    ``power(resistance, speed)`` is ``idle + (full - idle) * (resistance / 100) ** shape``
+    at ``reference_speed``, scaled by ``(speed / reference_speed) ** exponent``: an eddy
+    current brake absorbs more the faster its disc turns (exponent between 1 and 2), a
+    friction pad about linearly (exponent 1). The daemon never sees these numbers; it
+    has a calibration table measured from the power sensor.
+    """
+
+    idle: float = 25.0            # W at 0 % (bearings, belt, the magnets' least pull)
+    full: float = 1000.0          # W at 100 %
+    shape: float = 1.6            # the magnets pull harder the closer they come
+    reference_speed: float = 9.0  # m/s of the braked wheel where idle and full hold
+    exponent: float = 1.2
+
+    def power(self, resistance: float, speed: float) -> float:
+        """Braking power in W at ``resistance`` percent with the wheel at ``speed`` m/s."""
+        share = max(0.0, min(100.0, resistance)) / 100.0
+        at_reference = self.idle + (self.full - self.idle) * share ** self.shape
+        return at_reference * (max(speed, 0.0) / self.reference_speed) ** self.exponent
+
+
+class BrakeRider:
+    """A rider on a bike whose resistance is a real brake: what ERG and grade simulation act on.
+
+    Unlike :class:`Rider` (whose effort is a habit and whose speed is a virtual road's),
+    here the crank power is what the brake and the wheel's inertia absorb: the wheel
+    (speed sensor) carries the brake, the cranks drive it through ``gears`` (metres of
+    wheel per crank turn; one gear is a fixed-gear spin bike). The rider either holds a
+    cadence (:meth:`pedal_at`: power follows the load, up to ``max_power``) or pushes a
+    constant power (:meth:`push`: speed and cadence follow the load, and with several
+    gears the rider shifts to stay near ``cadence`` RPM). The legs answer a load change
+    with a short lag, so a sudden brake costs a little cadence first. Pure and seeded
+    like :class:`Rider`: the same seed and steps give the same trace.
+    """
+
+    STEP = 0.02
+    RESISTANCE_RATE = Rider.RESISTANCE_RATE
+
+    def __init__(self, seed: int | None = None, *, brake: Brake | None = None,
+                 gears: tuple[float, ...] = (6.0,), inertia: float = 30.0,
+                 cadence: float = 85.0, max_power: float = 500.0) -> None:
+        self.rng = random.Random(seed)
+        self.brake = brake or Brake()
+        self.gears = tuple(sorted(gears))
+        self.gear = len(self.gears) - 1
+        self.inertia = inertia            # kg: the wheel and flywheel as a moving mass
+        self.max_power = max_power
+        self.time = 0.0
+        self.resistance = self.resistance_target = 0.0
+        self.pedalling = True
+        self.cadence_target = cadence
+        self.power_target: float | None = None   # None: holding a cadence
+        self._cadence_wander = _Wander(0.8, 6.0, self.rng)   # RPM
+        self._torque_wander = _Wander(0.015, 0.5, self.rng)  # share of the power
+        self.speed = cadence * self.gears[self.gear] / 60.0
+        self._drive = self.brake.power(self.resistance, self.speed)
+        self._shifted_at = -math.inf
+
+    # -- the rider's intentions ---------------------------------------------------------
+
+    def set_resistance(self, percent: float) -> None:
+        """Where the brake should go; it moves there at :attr:`RESISTANCE_RATE`."""
+        self.resistance_target = max(0.0, min(100.0, float(percent)))
+
+    def pedal_at(self, cadence: float) -> None:
+        """Hold ``cadence`` RPM whatever the load (as in ERG mode)."""
+        self.pedalling, self.cadence_target, self.power_target = True, float(cadence), None
+
+    def push(self, power: float) -> None:
+        """Push a constant ``power`` W (constant effort); speed follows the load."""
+        self.pedalling, self.power_target = True, float(power)
+
+    def stop_pedalling(self) -> None:
+        """Feet still: no power, cadence 0, the wheel runs down against the brake."""
+        self.pedalling = False
+
+    # -- time -----------------------------------------------------------------------------
+
+    @property
+    def development(self) -> float:
+        """Metres of wheel per crank turn in the current gear."""
+        return self.gears[self.gear]
+
+    def step(self, dt: float) -> None:
+        """Advance ``dt`` simulated seconds (in internal steps of at most :attr:`STEP`)."""
+        if dt <= 0:
+            return
+        count = max(1, math.ceil(dt / self.STEP - 1e-9))
+        for _ in range(count):
+            self._step(dt / count)
+
+    def _step(self, h: float) -> None:
+        self.time += h
+        self.resistance = _towards(self.resistance, self.resistance_target,
+                                   self.RESISTANCE_RATE * h)
+        wander = self._cadence_wander.step(h)
+        torque = self._torque_wander.step(h)
+        load = self.brake.power(self.resistance, self.speed)
+        moving = max(self.speed, _START_SPEED)
+        if not self.pedalling:
+            want = 0.0
+        elif self.power_target is None:
+            # Hold the cadence: feed the load, plus what closes the gap in about 2 s.
+            goal = (self.cadence_target + wander) * self.development / 60.0
+            want = load + self.inertia * moving * (goal - self.speed) / 2.0
+        else:
+            want = self.power_target
+        want = max(0.0, min(self.max_power, want * (1.0 + torque)))
+        # The legs follow what the rider wants with a short lag.
+        self._drive += (want - self._drive) * (1.0 - math.exp(-h / 0.4))
+        if not self.pedalling:
+            self._drive = 0.0
+        self.speed = max(0.0, self.speed + (self._drive - load) / (self.inertia * moving) * h)
+        if self.power_target is not None and self.pedalling:
+            self._shift()
+
+    def _shift(self) -> None:
+        """Shift one gear at a time (at most every 1.5 s) to stay near the cadence wanted."""
+        if self.time - self._shifted_at < 1.5:
+            return
+        if self.cadence < self.cadence_target - 10 and self.gear > 0:
+            self.gear -= 1
+        elif self.cadence > self.cadence_target + 10 and self.gear < len(self.gears) - 1:
+            self.gear += 1
+        else:
+            return
+        self._shifted_at = self.time
+
+    # -- what the sensors see -----------------------------------------------------------------
+
+    @property
+    def power(self) -> float:
+        """Crank power in W."""
+        return self._drive
+
+    @property
+    def cadence(self) -> float:
+        """Cadence in RPM: the wheel through the gear, 0 with the feet still (freewheel)."""
+        return self.speed * 60.0 / self.development if self.pedalling else 0.0

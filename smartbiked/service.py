@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import logging
 import queue
+import random
 import signal
 import sys
 import threading
@@ -27,9 +28,10 @@ from paho.mqtt.client import MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from smartbiked import __version__, logs, runtime
+from smartbiked import __version__, homeassistant, logs, runtime
 from smartbiked import config as configuration
 from smartbiked.bike import Bike
+from smartbiked.coach import TRAINER_TOPICS, Coach
 from smartbiked.errors import EX_CONFIG, ConfigError
 from smartbiked.hardware import Hardware
 from smartbiked.mqtt_client import MQTTClient
@@ -64,6 +66,9 @@ HEALTH_MIN_INTERVAL = 2.0
 HEALTH_MAX_INTERVAL = 60.0
 #: How often the log flood guard's summaries are written.
 FLUSH_INTERVAL = 10.0
+#: Retained state (availability, actuators, health) is sent again this often: a broker
+#: may confirm a retained publish it did not keep (a cluster node, a restart).
+STATE_REFRESH = 300.0
 
 
 def health_topic(bike_id: str) -> str:
@@ -93,6 +98,14 @@ class Reply:
                 or correlation_problem(self.correlation))
 
 
+def failover_order(addresses: Sequence[tuple[str, int]], bike_id: str) -> list[tuple[str, int]]:
+    """The bike's own order of its brokers: the same on every start, different per bike,
+    so the bikes of a broker that fails spread over the others."""
+    order = list(addresses) or []
+    random.Random(f"smartbiked-{bike_id}").shuffle(order)
+    return order
+
+
 class BikeConnection(MQTTClient):
     """The daemon's single MQTT connection: the documented client, told about the service."""
 
@@ -105,11 +118,12 @@ class BikeConnection(MQTTClient):
             reconnect_max=broker.reconnect_max,
             will=(availability_topic(cfg.bike_id), LOST),
             max_packet_size=broker.max_packet_size,
+            addresses=failover_order(broker.addresses, cfg.bike_id),
         )
         self.service = service
 
-    def on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
-                   properties: Any) -> None:
+    def on_ready(self) -> None:
+        # Only once the broker granted the control subscription: "online" means listening.
         self.service.connected()
 
     def on_disconnect(self, reason_code: Any) -> None:
@@ -128,10 +142,11 @@ class Service:
 
     def __init__(self, config: configuration.Config, hardware: Hardware) -> None:
         self.config = config
-        self.limits = config.actuator_limits()
+        self.limits = config.control_limits()
         self.bike = Bike(config, hardware, self)
         self.client = BikeConnection(self)
         self.outbox = Outbox(self.client)
+        self.coach = self._make_coach(config)
         self.started = time.monotonic()
         self.reconnects = -1  # the first connect is not a reconnect
         self.reload_state: runtime.ReloadState | None = None
@@ -141,6 +156,14 @@ class Service:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._exit_status = 0
+
+    def _make_coach(self, config: configuration.Config) -> Coach | None:
+        return Coach.create(config, lambda command: self.bike.submit(command, None),
+                            self.outbox.state)
+
+    def _offline_too_long(self) -> bool:
+        since = self.bike.offline_since
+        return since is not None and time.monotonic() - since >= self.config.offline_safe_after
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -160,6 +183,9 @@ class Service:
             log.warning("%s", warning)
         self.client.setup_mqtt_client()
         self.client.subscribe(control_filter(cfg.bike_id))
+        if cfg.homeassistant.enabled:
+            self.client.subscribe(homeassistant.status_topic(cfg.homeassistant))
+            self._announce_to_homeassistant()
         self.outbox.start()
         self.bike.offline_since = time.monotonic()
         self.bike.start()
@@ -169,6 +195,8 @@ class Service:
         for target, name in ((self._handle_signals, "signals"), (self._watchdog, "watchdog"),
                              (self._housekeeping, "housekeeping")):
             threading.Thread(target=target, name=name, daemon=True).start()
+        if self.coach is not None:
+            self.coach.start(self._offline_too_long)
         try:
             self.client.loop_forever()
         except Exception:
@@ -203,7 +231,7 @@ class Service:
 
     def _coalesce_reloads(self) -> int:
         """Take every signal already queued; the last one that is not SIGHUP, or SIGHUP."""
-        result = signal.SIGHUP
+        result: int = signal.SIGHUP
         while True:
             try:
                 signum = self._signals.get_nowait()
@@ -216,6 +244,9 @@ class Service:
         """Actuators to safe values, say offline, disconnect: loop_forever then returns."""
         notify("STOPPING=1", "STATUS=stopping: actuators to safe values")
         self._stopping.set()
+        if self.coach is not None:
+            self.coach.release("stopping")
+            self.coach.stop()
         if not self.bike.stop():
             log.error("the hardware thread did not finish: actuators may not be safe")
             self._exit_status = 1
@@ -258,8 +289,14 @@ class Service:
         if new == old:
             log.info("reloaded %s: nothing changed", new.path)
             return True, "configuration reloaded", "nothing changed"
+        if self.coach is not None:
+            self.coach.release("configuration reloaded")
+            self.coach.stop()
         self.config = new
-        self.limits = new.actuator_limits()
+        self.limits = new.control_limits()
+        self.coach = self._make_coach(new)
+        if self.coach is not None:
+            self.coach.start(self._offline_too_long)
         if self.bike.reload(new) is False:
             log.error("the hardware thread did not apply the new configuration in time")
             return False, "reload not confirmed", "the hardware thread did not answer in time"
@@ -297,21 +334,26 @@ class Service:
         self.outbox.state(availability_topic(self.config.bike_id), ONLINE)
         self.outbox.connected()
         self._health_due.set()
-        notify(f"STATUS=connected to {self.config.broker.host}:{self.config.broker.port}")
+        notify(f"STATUS=connected to {self.client.broker_address}:{self.client.port}")
 
     def disconnected(self) -> None:
         """The connection dropped: paho reconnects; the hardware starts counting."""
         self.bike.offline_since = time.monotonic()
         self.outbox.disconnected()
-        notify(f"STATUS=reconnecting to {self.config.broker.host}:{self.config.broker.port}")
+        notify(f"STATUS=reconnecting to {self.client.broker_address}:{self.client.port}")
 
     def handle_control(self, msg: MQTTMessage) -> None:
         """Parse a control message; refuse it or hand it to the hardware thread."""
+        ha = self.config.homeassistant
+        if ha.enabled and msg.topic == homeassistant.status_topic(ha):
+            if bytes(msg.payload) == b"online":  # Home Assistant restarted: tell it again
+                self._announce_to_homeassistant()
+            return
         if msg.retain:
             # Retained commands replay on every subscribe: a stale one must not move a motor.
             log.warning("ignoring a retained command on %.80s", msg.topic)
             return
-        result = parse_command(msg.topic, msg.payload, self.config.bike_id, self.limits)
+        result = parse_command(msg.topic, bytes(msg.payload), self.config.bike_id, self.limits)
         reply = Reply.of(msg)
         bad_reply = reply.problem(self.config.broker.reply_topics) if reply else None
         if bad_reply:
@@ -322,8 +364,30 @@ class Service:
                 result = Refusal(result.topic, bad_reply, self.limits.get(result.topic))
         if isinstance(result, Refusal):
             self._refuse(result, [reply] if reply else [])
+        elif result.topic in TRAINER_TOPICS:
+            self._coach_command(result, reply)
         else:
+            if self.coach is not None:
+                self.coach.app_command(result)
             self.bike.submit(result, reply)
+
+    def _coach_command(self, command: Command, reply: Reply | None) -> None:
+        why = (self.coach.command(command) if self.coach is not None
+               else "this bike has no trainer ([trainer] enabled = false)")
+        replies = [reply] if reply else []
+        if why is not None:
+            self._refuse(Refusal(command.topic, why, self.limits.get(command.topic)), replies)
+            return
+        body = applied_payload(command.value, time.time(), self.config.device_name)
+        for each in replies:
+            self._answer(each, body)
+
+    def _announce_to_homeassistant(self) -> None:
+        """MQTT discovery for Home Assistant: retained, and sent again after reconnects."""
+        for topic in homeassistant.stale_topics(self.config):
+            self.outbox.state(topic, b"")
+        for topic, payload in homeassistant.discovery(self.config):
+            self.outbox.state(topic, payload)
 
     def _refuse(self, refusal: Refusal, replies: list[Reply]) -> None:
         # The topic level comes from the sender: only a short prefix is logged.
@@ -347,6 +411,8 @@ class Service:
 
     def report(self, topic: str, value: float, *, sensor: bool) -> None:
         """Publish a value on the topic's report sub-topic."""
+        if self.coach is not None:
+            self.coach.reading(topic, value)
         body = report_payload(value, TOPICS[topic].unit, time.time(), self.config.device_name)
         where = topic_path(self.config.bike_id, topic, "report")
         if sensor:
@@ -366,8 +432,9 @@ class Service:
     def outcome(self, command: Command, replies: list[Any], value: float | None,
                 error: str | None) -> None:
         """Answer requesters; a failure is also published on the status topic."""
-        if error is not None:
-            self._refuse(Refusal(command.topic, error, self.limits.get(command.topic)), replies)
+        if error is not None or value is None:
+            why = error or "not applied"
+            self._refuse(Refusal(command.topic, why, self.limits.get(command.topic)), replies)
             return
         body = applied_payload(value, time.time(), self.config.device_name)
         for reply in replies:
@@ -411,9 +478,8 @@ class Service:
         snapshot = getattr(self.bike, "counters_snapshot", None)
         if snapshot is not None:
             counters.update(snapshot())
-        broker = self.config.broker
         return {"version": __version__, "uptime": round(time.monotonic() - self.started, 1),
-                "broker": f"{broker.host}:{broker.port}",
+                "broker": f"{self.client.broker_address}:{self.client.port}",
                 "reconnects": max(0, self.reconnects), "drivers": drivers,
                 "counters": counters, "timestamp": time.time(),
                 "metadata": {"deviceName": self.config.device_name}}
@@ -422,10 +488,14 @@ class Service:
         guard = logs.flood_guard(logging.getLogger().handlers[0]) if (
             logging.getLogger().handlers) else None
         last = -HEALTH_MAX_INTERVAL
+        refreshed = time.monotonic()
         while not self._stopping.is_set():
             due = self._health_due.wait(FLUSH_INTERVAL)
             if guard is not None:
                 guard.flush()
+            if time.monotonic() - refreshed >= STATE_REFRESH:
+                refreshed = time.monotonic()
+                self.outbox.connected()  # every state topic again
             if self._stopping.is_set():
                 return
             if not due and time.monotonic() - last < HEALTH_MAX_INTERVAL:

@@ -48,7 +48,7 @@ import string
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -63,6 +63,7 @@ from paho.mqtt.properties import Properties
 from smartbiked.config import Config
 from smartbiked.fakeboard import FakeBoard
 from smartbiked.hardware import Hardware
+from smartbiked.hardware.base import device_identity
 from smartbiked.mqtt_client import MQTTClient
 from smartbiked.rider import Rider
 from smartbiked.topics import TOPICS
@@ -267,7 +268,8 @@ class VirtualBike:
         self.seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
         self.rider = Rider(self.seed)
         self.factory = MockFactory(pin_class=MockPWMPin)
-        self.hardware = Hardware(pin_factory=self.factory, open_serial=self._open_serial)
+        self.hardware = Hardware(pin_factory=self.factory, open_serial=self._open_serial,
+                                 device_identity=self._device_identity)
         self.directory: Path | None = None
         #: The fake board of each [serial.NAME] table, while running.
         self.boards: dict[str, FakeBoard] = {}
@@ -406,6 +408,11 @@ class VirtualBike:
         if board is None:
             raise serial.SerialException(f"no virtual board for {url} (added after the start?)")
         return serial.serial_for_url(str(board.path), **kwargs)
+
+    def _device_identity(self, url: str) -> Hashable | None:
+        """What the fake board standing in for ``url`` looks like (None: unplugged)."""
+        board = self._by_url.get(url)
+        return None if board is None else device_identity(str(board.path))
 
     # -- the world, for tests and the hand --------------------------------------------------
 

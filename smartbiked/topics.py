@@ -19,10 +19,16 @@ MAX_COMMAND_BYTES = 512
 
 @dataclass(frozen=True)
 class TopicSpec:
-    """What the apps know about a topic: its kind, unit, documented range and safe value."""
+    """What the apps know about a topic: its kind, unit, documented range and safe value.
+
+    Kinds: ``actuator`` (a motor: commands, retained reports), ``sensor``, ``event``
+    (buttons), ``virtual`` (a command the trainer logic carries out through actuators:
+    target power, grade; no driver of its own) and ``state`` (a retained report only:
+    the trainer mode).
+    """
 
     name: str
-    kind: Literal["actuator", "sensor", "event"]
+    kind: Literal["actuator", "sensor", "event", "virtual", "state"]
     unit: str = ""
     low: float = 0.0
     high: float = math.inf
@@ -41,8 +47,17 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec("power", "sensor", "W"),
         TopicSpec("heartrate", "sensor", "BPM"),
         TopicSpec("button", "event"),
+        TopicSpec("targetpower", "virtual", "W", 0, 2000, 0, None),
+        TopicSpec("grade", "virtual", "percentage", -40, 40, 0, None),
+        TopicSpec("mode", "state"),
     )
 }
+
+#: Road parameters a grade command may carry besides the grade (FTMS's indoor bike
+#: simulation): head wind in m/s, rolling resistance coefficient, drag area CdA in m^2
+#: or wind resistance coefficient Cw = 0.5 rho CdA in kg/m. Each with its range.
+GRADE_PARAMS: dict[str, tuple[float, float]] = {
+    "wind": (-30.0, 30.0), "crr": (0.0, 0.05), "cda": (0.0, 2.0), "cw": (0.0, 2.5)}
 
 
 @dataclass(frozen=True)
@@ -70,10 +85,15 @@ class Limits:
 
 @dataclass(frozen=True)
 class Command:
-    """A parsed, range-checked request to move one actuator."""
+    """A parsed, range-checked request to move one actuator (or a virtual one).
+
+    ``params`` holds a grade command's road parameters as sorted ``(name, value)``
+    pairs (see :data:`GRADE_PARAMS`); empty for every other topic.
+    """
 
     topic: str
     value: float
+    params: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +138,15 @@ def report_payload(value: float, unit: str, timestamp: float, device_name: str) 
 def button_payload(button: str, pressed: bool, timestamp: float) -> dict[str, Any]:
     """The documented button event shape; state 1 is pressed, 0 released."""
     return {"button": button, "state": 1 if pressed else 0, "timestamp": timestamp}
+
+
+def mode_payload(body: Mapping[str, Any], timestamp: float, device_name: str) -> dict[str, Any]:
+    """The retained ``mode`` report: the trainer's body plus timestamp and metadata.
+
+    ``body`` is ``{"mode": "erg" | "sim" | "resistance", "target": ...}``, with
+    ``params`` (a grade's road) and ``reason`` (why a mode was left) when there are any.
+    """
+    return {**body, "timestamp": timestamp, "metadata": {"deviceName": device_name}}
 
 
 def applied_payload(value: float, timestamp: float, device_name: str) -> dict[str, Any]:
@@ -170,7 +199,11 @@ def _json_type(value: Any) -> str:
 
 def _value_from(topic: str, document: Any) -> float:
     """Pick the value out of any of the command shapes the existing apps send."""
+    # "No target power" is said with 0 or null, as FTMS apps do.
+    nullable = topic == "targetpower"
     if not isinstance(document, dict):
+        if document is None and nullable:
+            return 0.0
         return _number(document, "the command")
     keys = ["value", topic] + (["power", "level"] if topic == "fan" else [])
     present = [k for k in keys if k in document]
@@ -179,6 +212,8 @@ def _value_from(topic: str, document: Any) -> float:
     if len(present) > 1:
         raise _Unusable(f"ambiguous: several value keys ({', '.join(present)})")
     key = present[0]
+    if document[key] is None and nullable:
+        return 0.0
     number = _number(document[key], f'"{key}"')
     if key == "level":
         if number != int(number) or not 0 <= number <= 5:
@@ -195,6 +230,9 @@ def parse_command(
     ``actuators`` maps each topic this bike can move to its limits.
     Accepted shapes: ``{"value": v}``, ``{"<topic>": v}``, fan ``{"power": v}`` and
     ``{"level": 0..5}`` (x20 percent), and a bare number; other keys are ignored.
+    Virtual topics (``targetpower``, ``grade``) are accepted when ``actuators`` lists
+    them; a target power of null means 0 (no target); a grade may carry ``wind``,
+    ``crr`` and ``cda`` or ``cw`` (:data:`GRADE_PARAMS`), returned in ``params``.
     Refused besides bad values: a key given twice in any object, and numbers no float
     can hold (``1e400``, an integer of 310 digits).
     """
@@ -207,10 +245,13 @@ def parse_command(
     spec = TOPICS.get(name)
     if spec is None:
         return Refusal(name, "unknown topic")
-    if spec.kind != "actuator":
-        return Refusal(name, f"{name} is a {spec.kind}, it takes no commands")
+    if spec.kind not in ("actuator", "virtual"):
+        kind = "report" if spec.kind == "state" else spec.kind
+        return Refusal(name, f"{name} is a {kind}, it takes no commands")
     limits = actuators.get(name)
     if limits is None:
+        if spec.kind == "virtual":
+            return Refusal(name, f"this bike does not offer {name} (no [trainer] for it)")
         return Refusal(name, f"this bike has no {name} actuator")
     if len(payload) > MAX_COMMAND_BYTES:
         return Refusal(name, f"payload too large (over {MAX_COMMAND_BYTES} bytes)", limits)
@@ -219,6 +260,7 @@ def parse_command(
         document = json.loads(text, parse_constant=_reject_constant,
                               object_pairs_hook=_unique_keys)
         value = _value_from(name, document)
+        params = _grade_params(document) if name == "grade" else ()
     except UnicodeDecodeError:
         return Refusal(name, "payload is not UTF-8 text", limits)
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
@@ -228,7 +270,23 @@ def parse_command(
     problem = limits.problem(value)
     if problem:
         return Refusal(name, f"{value:g} is {problem}", limits)
-    return Command(name, value)
+    return Command(name, value, params)
+
+
+def _grade_params(document: Any) -> tuple[tuple[str, float], ...]:
+    """The road parameters beside a grade: each optional, each a number in its range."""
+    if not isinstance(document, dict):
+        return ()
+    if "cda" in document and "cw" in document:
+        raise _Unusable('ambiguous: both "cda" and "cw" (give one drag figure)')
+    params = []
+    for key, (low, high) in GRADE_PARAMS.items():
+        if key in document:
+            number = _number(document[key], f'"{key}"')
+            if not low <= number <= high:
+                raise _Unusable(f'"{key}" {number:g} is out of range ({low:g} to {high:g})')
+            params.append((key, number))
+    return tuple(sorted(params))
 
 
 # --------------------------------------------------------------------------- replies

@@ -11,6 +11,7 @@ import pytest
 
 from smartbiked import config
 from smartbiked.errors import EX_CONFIG, ConfigError
+from smartbiked.topics import Limits
 from tests.conftest import ROOT
 
 EXAMPLE = ROOT / "config" / "smartbike.toml"
@@ -133,7 +134,7 @@ def test_secrets_never_appear_in_errors(tmp_path):
     assert "cannot read the password file" in text and "/nonexistent/pw" in text
     assert "inline-secret" not in text
     assert any(p.endswith("[broker] password: unknown key; known keys: ca_file, certfile, "
-                          "client_id, host, keepalive, keyfile, max_packet_size, "
+                          "client_id, failover_hosts, host, keepalive, keyfile, max_packet_size, "
                           "password_credential, password_file, port, reconnect_max, "
                           "reply_topics, tls, username") for p in found)
 
@@ -475,3 +476,117 @@ def test_limit_errors_are_reported_under_the_key_that_is_wrong(tmp_path, body, k
     found = problems(tmp_path, MINIMAL + f'[fan]\ndriver = "gpio_pwm"\npin = 12\n{body}\n')
     assert found == [f"{tmp_path / 'bike.toml'}: [fan] {key}: min and max must satisfy "
                      f"0 <= min < max <= 100 (found {value})"]
+
+
+# -- [trainer] and [homeassistant] --------------------------------------------------------
+
+TRAINER_BIKE = MINIMAL + """
+[resistance]
+driver = "gpio_pwm"
+pin = 18
+max = 80
+[power]
+driver = "serial_sensor"
+port = "board"
+[cadence]
+driver = "gpio_pulse"
+pin = 5
+[speed]
+driver = "gpio_pulse"
+pin = 6
+[serial.board]
+url = "loop://"
+"""
+
+
+def test_trainer_and_home_assistant_are_off_by_default(tmp_path):
+    cfg = config.load(write(tmp_path, TRAINER_BIKE), environ={})
+    assert not cfg.trainer.enabled and not cfg.homeassistant.enabled
+    assert cfg.control_limits() == cfg.actuator_limits()
+
+
+def test_an_enabled_trainer_offers_target_power_and_grade(tmp_path):
+    cfg = config.load(write(tmp_path, TRAINER_BIKE + """
+        [trainer]
+        enabled = true
+        max_power = 900
+        calibration = [[0, 20], [40, 180], [80, 600]]
+        grade_gain = 0.5
+        """), environ={})
+    limits = cfg.control_limits()
+    assert limits["targetpower"] == Limits(0, 900) and limits["grade"] == Limits(-40, 40)
+    assert limits["resistance"] == Limits(0, 80)
+    assert cfg.trainer.calibration == ((0, 20), (40, 180), (80, 600))
+    assert cfg.trainer.grade_gain == 0.5 and cfg.trainer.erg_gain == 0.15
+    # Loading the same file twice gives equal settings (a reload sees "nothing changed").
+    assert config.load(cfg.path, environ={}) == cfg
+
+
+def test_grade_needs_a_speed_sensor_and_target_power_a_power_sensor(tmp_path):
+    no_speed = TRAINER_BIKE.replace('[speed]\ndriver = "gpio_pulse"\npin = 6\n', "")
+    cfg = config.load(write(tmp_path, no_speed + "[trainer]\nenabled = true\n"), environ={})
+    assert "targetpower" in cfg.control_limits() and "grade" not in cfg.control_limits()
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("[trainer]\nenabled = true\n", "[trainer] enabled: needs a [resistance] actuator"),
+    ("[trainer]\nenabled = true\n[fan]\ndriver = 'gpio_pwm'\npin = 4\n",
+     "needs a [power] sensor (target power) or a [speed] sensor"),
+    ("[trainer]\ncalibration = [[0, 100], [50, 90]]\n", "[trainer] calibration: resistance "
+     "and watts must both rise"),
+    ("[trainer]\ncalibration = [[0, 100]]\n", "[trainer] calibration: must be a list of"),
+    ("[trainer]\ncalibration = [[0, true], [50, 90]]\n", "[trainer] calibration: must be a"),
+    ("[trainer]\ncalibration = [[0, 10], [120, 90]]\n", "resistance must lie in 0..100"),
+    ("[trainer]\ncalibration_sensor = 'wheel'\n", "must be one of: cadence, speed"),
+    ("[trainer]\nerg_gain = 5\n", "[trainer] erg_gain: must be between 0 and 2"),
+    ("[trainer]\nincline_follows_grade = true\n",
+     "[trainer] incline_follows_grade: needs an [incline] actuator"),
+    ("[trainer]\nincline_min = 4\nincline_max = 2\n", "[trainer] incline_max: must be above"),
+    ("[trainer]\nmass = true\n", "[trainer] mass: must be a number"),
+    ("[trainer]\ngears = 3\n", "[trainer] gears: unknown key"),
+    ("[homeassistant]\nprefix = 'ha/#'\n", "[homeassistant] prefix: must be a topic prefix"),
+    ("[homeassistant]\nprefix = ''\n", "[homeassistant] prefix: must be a topic prefix"),
+    ("[homeassistant]\nenabled = 'yes'\n", "[homeassistant] enabled: must be true or false"),
+    ("[targetpower]\ndriver = 'gpio_pwm'\n", "[targetpower]: unknown table"),
+    ("[mode]\n", "[mode]: unknown table"),
+])
+def test_trainer_and_home_assistant_mistakes_are_named(tmp_path, body, expected):
+    found = problems(tmp_path, MINIMAL + body)
+    assert any(expected in p for p in found), found
+
+
+def test_calibration_sensor_and_incline_range_must_fit_the_bike(tmp_path):
+    found = problems(tmp_path, TRAINER_BIKE.replace('[cadence]\ndriver = "gpio_pulse"\npin = 5\n',
+                                                    "") + """
+        [incline]
+        driver = "serial_actuator"
+        port = "board"
+        min = -2
+        max = 6
+        [trainer]
+        enabled = true
+        incline_follows_grade = true
+        incline_min = -5
+        """)
+    assert any("[trainer] calibration_sensor: this bike has no [cadence] sensor" in p
+               for p in found), found
+    assert any("[trainer] incline_min: must lie within [incline] min..max (-2..6)" in p
+               for p in found), found
+
+
+def test_home_assistant_settings(tmp_path):
+    cfg = config.load(write(tmp_path, MINIMAL + """
+        [homeassistant]
+        enabled = true
+        prefix = "ha"
+        name = "Bike in the lab"
+        """), environ={})
+    assert cfg.homeassistant.enabled and cfg.homeassistant.prefix == "ha"
+    assert cfg.homeassistant.name == "Bike in the lab"
+
+
+def test_the_reference_tables_list_the_new_tables():
+    titles = [title for title, _ in config.TABLES]
+    assert titles == ["[bike]", "[broker]", "[service]", "[trainer]", "[homeassistant]"]
+    for _, options in config.TABLES:
+        assert all(opt.doc for opt in options)

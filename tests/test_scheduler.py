@@ -72,3 +72,39 @@ def test_a_failing_job_never_stops_the_others(caplog):
 def test_interval_must_be_positive():
     with pytest.raises(ValueError):
         Scheduler(Clock()).every(0, lambda: None, "x")
+
+
+def test_a_timer_runs_once_when_due_and_can_be_cancelled():
+    clock = Clock()
+    sched = Scheduler(clock)
+    ran = []
+    sched.at(1002.0, lambda: ran.append("a"), "a")
+    b = sched.at(1001.0, lambda: ran.append("b"), "b")
+    assert sched.run_due() == pytest.approx(1.0)
+    sched.cancel(b)
+    sched.cancel(b)  # twice is fine
+    clock.now = 1005.0
+    sched.run_due()
+    sched.run_due()
+    assert ran == ["a"] and sched.jobs == []
+    assert sched.run_due() == float("inf")  # an idle loop sleeps until something comes
+
+
+def test_jobs_may_add_and_cancel_jobs_while_running():
+    clock = Clock()
+    sched = Scheduler(clock)
+    ran = []
+    tick = sched.every(1.0, lambda: ran.append("tick"), "tick")
+
+    def rearm() -> None:
+        ran.append("timer")
+        sched.cancel(tick)
+        sched.at(clock.now + 5, lambda: ran.append("later"), "later")
+
+    sched.at(1001.0, rearm, "timer")
+    clock.now = 1001.0
+    sched.run_due()
+    assert sorted(ran) == ["tick", "timer"]
+    clock.now = 1010.0
+    sched.run_due()
+    assert sorted(ran) == ["later", "tick", "timer"]  # the cancelled tick never ran again

@@ -192,9 +192,9 @@ def test_one_board_feeds_two_sensors_with_scale_and_offset(
     poll_until(board, lambda: "power" in board.latest)
     assert heart.read() == 72.0
     assert power.read() == 350.0
-    # Both drivers poll the shared board on every tick: nothing is read twice or lost.
-    heart.poll()
-    power.poll()
+    # Reading the shared board again reads nothing twice and loses nothing.
+    board.poll()
+    board.poll()
     assert (heart.read(), power.read(), board.good_lines, board.bad_lines) == (72, 350, 1, 0)
 
     fake.send_line('{"hr": 80}')
@@ -266,7 +266,7 @@ def test_values_go_stale(hardware: Hardware, clock: Clock, boards: list[Any]) ->
     speed = sensor(hardware, "speed", stale_after=5.0)
     never = sensor(hardware, "cadence", field="rpm")
     board.write(b"4.5\n")
-    speed.poll()
+    board.poll()
     assert speed.read() == 4.5
     clock.advance(5.0)
     assert speed.read() == 4.5
@@ -274,7 +274,7 @@ def test_values_go_stale(hardware: Hardware, clock: Clock, boards: list[Any]) ->
     assert speed.read() is None
     assert never.read() is None
     board.write(b"5\n")
-    never.poll()  # any driver's poll feeds the whole board
+    board.poll()
     assert speed.read() == 5.0 and never.read() is None
 
 
@@ -298,20 +298,19 @@ def test_unplug_and_replug_through_the_same_symlink(
     fake.unplug()
     assert not fake.path.exists()
     poll_until(board, lambda: not board.connected)  # noticed, not raised
-    assert heart.read() == 72.0  # the last reading stands until it is stale
+    assert heart.read() is None  # nothing fresh can come from a board that is away
+    board.poll()
+    assert not board.connected
     lost = [r for r in caplog.records if "lost" in r.getMessage()]
     assert len(lost) == 1
 
     fake.replug()
     assert fake.path.is_symlink()
+    # Reopened the moment it is back: the clock has not moved, so no reconnect_interval
+    # has passed; the new device under the path is what counts.
     board.poll()
-    assert not board.connected  # the reconnect interval has not passed
-    clock.advance(1.9)
-    board.poll()
-    assert not board.connected
-    clock.advance(0.1)
-    board.poll()
-    assert board.connected
+    assert board.connected and board.reconnects == 1
+    assert heart.read() is None  # what it said before the loss is not fresh either
     fake.send_line("hr=75")
     poll_until(board, lambda: heart.read() == 75.0)
     assert len(caplog.records) == 1  # the loss, once; no warning per reconnect attempt
@@ -327,17 +326,14 @@ def test_board_absent_at_start_then_plugged_in(
     assert not board.connected
     for _ in range(3):
         clock.advance(2.0)
-        power.poll()
+        board.poll()
         assert not board.connected and power.read() is None
     assert len(caplog.records) == 1 and "cannot open" in caplog.records[0].getMessage()
 
     late = FakeBoard(tmp_path, path.name)
     boards.append(late)
-    power.poll()
-    assert not board.connected  # tried 0 s ago: waits for the interval
-    clock.advance(2.0)
-    power.poll()
-    assert board.connected
+    board.poll()
+    assert board.connected  # at once: it appeared, no reconnect_interval to wait out
     late.send_line("215")
     poll_until(board, lambda: power.read() == 215.0)
 

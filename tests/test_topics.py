@@ -235,3 +235,105 @@ def test_duplicate_keys_are_refused_at_any_depth(name, pairs, nested):
         document = json.loads(body)
         assert result == parse_command(f"bike/{BIKE}/{name}/control",
                                        json.dumps(document).encode(), BIKE, LIMITS)
+
+
+# -- the trainer's topics: targetpower and grade (virtual), mode (a report) ------------------
+
+from smartbiked.topics import GRADE_PARAMS, mode_payload  # noqa: E402
+
+TRAINER_LIMITS = {**LIMITS, "targetpower": Limits(0, 1500), "grade": Limits(-40, 40)}
+
+
+def parse_trainer(topic: str, payload: str, limits: dict = TRAINER_LIMITS) -> Command | Refusal:
+    return parse_command(f"bike/{BIKE}/{topic}/control", payload.encode(), BIKE, limits)
+
+
+@pytest.mark.parametrize(("topic", "payload", "expected"), [
+    ("targetpower", '{"value": 200}', Command("targetpower", 200)),
+    ("targetpower", '{"targetpower": 200, "timestamp": 1}', Command("targetpower", 200)),
+    ("targetpower", "200", Command("targetpower", 200)),
+    ("targetpower", "0", Command("targetpower", 0)),
+    ("targetpower", "null", Command("targetpower", 0)),           # null: no target, as 0
+    ("targetpower", '{"value": null}', Command("targetpower", 0)),
+    ("targetpower", '{"targetpower": null}', Command("targetpower", 0)),
+    ("grade", "-3.5", Command("grade", -3.5)),
+    ("grade", '{"grade": 8}', Command("grade", 8)),
+    ("grade", '{"value": 5, "wind": 2.0, "crr": 0.004, "cw": 0.51}',
+     Command("grade", 5, (("crr", 0.004), ("cw", 0.51), ("wind", 2.0)))),
+    ("grade", '{"value": 5, "cda": 0.3, "who": "zwift"}', Command("grade", 5, (("cda", 0.3),))),
+    ("grade", '{"value": 0, "wind": -30}', Command("grade", 0, (("wind", -30),))),
+])
+def test_trainer_commands_in_every_shape(topic, payload, expected):
+    assert parse_trainer(topic, payload) == expected
+
+
+@pytest.mark.parametrize(("topic", "payload", "reason"), [
+    ("targetpower", "1600", "out of range"),
+    ("targetpower", "-5", "out of range"),
+    ("targetpower", '"200"', "not a string"),
+    ("targetpower", "true", "not a boolean"),
+    ("targetpower", '{"power": 200}', "no value"),                # "power" is the fan's
+    ("targetpower", '{"value": 200, "targetpower": 100}', "ambiguous"),
+    ("grade", "null", "not null"),                                # no "no grade": use 0
+    ("grade", "41", "out of range"),
+    ("grade", '{"value": 5, "cda": 0.3, "cw": 0.5}', "ambiguous"),
+    ("grade", '{"value": 5, "crr": 0.5}', '"crr" 0.5 is out of range'),
+    ("grade", '{"value": 5, "wind": "strong"}', '"wind" must be a number'),
+    ("grade", '{"value": 5, "cw": null}', '"cw" must be a number'),
+    ("grade", '{"value": 5, "wind": 1e400}', "finite"),
+    ("grade", '{"value": 5, "wind": 1, "wind": 2}', "duplicate key"),
+    ("mode", '{"mode": "erg"}', "mode is a report, it takes no commands"),
+])
+def test_bad_trainer_commands_are_refused_with_a_reason(topic, payload, reason):
+    result = parse_trainer(topic, payload)
+    assert isinstance(result, Refusal), result
+    assert reason in result.reason
+    if topic in TRAINER_LIMITS:
+        assert result.allowed == TRAINER_LIMITS[topic]
+
+
+def test_trainer_topics_need_the_bike_to_offer_them():
+    result = parse_trainer("targetpower", "200", LIMITS)
+    assert isinstance(result, Refusal) and "does not offer targetpower" in result.reason
+
+
+def test_a_grade_command_is_hashable_and_says_its_road():
+    a = parse_trainer("grade", '{"value": 5, "wind": 2.0}')
+    b = parse_trainer("grade", '{"wind": 2.0, "value": 5}')
+    assert a == b and hash(a) == hash(b) and dict(a.params) == {"wind": 2.0}
+    assert {a, b, Command("grade", 5)} == {a, Command("grade", 5)}
+
+
+def test_mode_payload_shape():
+    assert mode_payload({"mode": "erg", "target": 200.0}, 1.5, "bike000001") == {
+        "mode": "erg", "target": 200.0, "timestamp": 1.5,
+        "metadata": {"deviceName": "bike000001"}}
+
+
+trainer_documents = st.fixed_dictionaries(
+    {}, optional={"value": json_values | st.floats(-50, 50), "grade": json_values,
+                  "targetpower": json_values, "wind": json_values | st.floats(-40, 40),
+                  "crr": json_values | st.floats(0, 0.1), "cda": json_values,
+                  "cw": json_values | st.floats(0, 3)}) | json_values
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(["targetpower", "grade"]), trainer_documents)
+def test_trainer_commands_never_raise_and_accepted_ones_are_in_range(name, document):
+    try:
+        payload = json.dumps(document).encode()
+    except ValueError:
+        return
+    result = parse_command(f"bike/{BIKE}/{name}/control", payload, BIKE, TRAINER_LIMITS)
+    assert isinstance(result, (Command, Refusal))
+    if isinstance(result, Command):
+        assert TRAINER_LIMITS[name].problem(result.value) is None
+        assert list(result.params) == sorted(result.params)
+        for key, value in result.params:
+            low, high = GRADE_PARAMS[key]
+            assert math.isfinite(value) and low <= value <= high
+        assert not ({"cda", "cw"} <= dict(result.params).keys())
+        if name == "targetpower":
+            assert result.params == ()
+    else:
+        assert result.reason

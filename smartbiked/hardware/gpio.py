@@ -221,8 +221,8 @@ class GpioButtons(GpioDriver, EventSource):
             for name, pin in settings["pins"].items():
                 self._buttons[name] = _open(
                     f"button {name}", pin,
-                    lambda pin=pin: Button(pin, pull_up=settings["pull_up"], bounce_time=bounce,
-                                           pin_factory=hardware.pin_factory))
+                    functools.partial(Button, pin, pull_up=settings["pull_up"],
+                                      bounce_time=bounce, pin_factory=hardware.pin_factory))
         except BaseException:
             # Release the buttons already opened, or their pins stay reserved.
             self.close()

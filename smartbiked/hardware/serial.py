@@ -5,10 +5,11 @@ Several drivers may share it: a board printing ``hr=72,power=180`` feeds both th
 heartrate and the power topic through two :class:`SerialSensor` drivers, and a motor
 controller on the same port can take commands through a :class:`SerialActuator`.
 
-Everything here runs on the service's single hardware thread. Nothing blocks on a
-sensor read: the service calls every driver's ``poll()`` on each tick, and that drains
-whatever bytes are waiting. Only :meth:`SerialActuator.apply` waits (for an
-acknowledgement, at most ``ack_timeout`` per attempt).
+Each board has its own I/O thread (see :class:`~smartbiked.hardware.base.Board`): it
+sleeps on the port until bytes arrive, parses each line the moment it is complete and
+hands the readings to the sensors; it also writes the actuators' commands and waits for
+their acknowledgements (at most ``ack_timeout`` per attempt). A silent board therefore
+delays its own commands and nothing else.
 
 What a board must print, one reading per line (``\\n``, ``\\r\\n`` or ``\\r`` ends a line;
 at most 256 bytes; keys are case-insensitive; numbers are plain decimals such as
@@ -31,10 +32,9 @@ import json
 import logging
 import math
 import re
-import select
 import string
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 import serial
@@ -43,6 +43,7 @@ from smartbiked.errors import HardwareError
 from smartbiked.hardware.base import (
     REQUIRED,
     Actuator,
+    Board,
     Hardware,
     Option,
     Sensor,
@@ -58,8 +59,12 @@ MAX_LINE_BYTES = 256
 #: Bad-line warnings per board are at most this many seconds apart.
 WARN_INTERVAL = 10.0
 
-#: Per poll, read at most this many chunks, so a board flooding the port cannot
-#: stall the tick; the rest waits for the next poll.
+#: A sensor whose field the board has left out of this many good lines in a row (and
+#: never sent) is logged once, with the fields the board does send.
+MISSING_FIELD_LINES = 5
+
+#: Per read, take at most this many chunks, so a board flooding the port cannot keep its
+#: thread from its jobs; the rest is read right after.
 _MAX_CHUNKS = 16
 _CHUNK = 4096
 
@@ -68,6 +73,9 @@ _SCHEMES = {"loop", "socket", "rfc2217", "spy", "hwgrep", "alt", "cp2110"}
 _NATIVE_SCHEMES = {"", "spy", "hwgrep", "alt"}
 
 FORMATS = ("auto", "number", "keyvalue", "json", "csv")
+
+_NEVER: Any = object()  # a device never tried yet
+_AGAIN: Any = object()  # a device lost: try it at once when it is there
 
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _NUMBER_RE = re.compile(_NUMBER)
@@ -237,19 +245,25 @@ def _setting(settings: Mapping[str, Any], option: Option) -> Any:
 # --------------------------------------------------------------------------- the board
 
 
-class SerialBoard:
+class SerialBoard(Board):
     """One serial board, shared by every driver whose ``port`` names it.
 
     The board prints readings one per line in one of the formats of the module
     docstring (9600 baud 8N1 unless ``baudrate`` says otherwise) and, when it drives
     motors, accepts one command per line (see :class:`SerialActuator`).
 
-    A board that is absent at start or unplugged later is no error: :meth:`poll`
-    tries to (re)open it at most every ``reconnect_interval`` seconds, and readings
-    resume when it is back. Native ports are opened exclusively, so a second program
-    (or a forgotten ``screen`` session) cannot steal half the lines.
+    Once started (:meth:`~Board.start`), its own thread reads each line as it arrives
+    and hands its readings to the subscribed drivers, and performs its actuators'
+    writes and acknowledgement waits (see :class:`~smartbiked.hardware.base.Board`).
+    Without a thread (tests, tools) :meth:`poll` reads what is waiting.
 
-    The owner (the service) creates boards before the drivers, puts them in
+    A board that is absent at start or unplugged later is no error: a device path is
+    watched and the board reopened the moment it reappears; a board that is there but
+    cannot be opened (busy, no permission) and a network URL are retried every
+    ``reconnect_interval`` seconds. Native ports are opened exclusively, so a second
+    program (or a forgotten ``screen`` session) cannot steal half the lines.
+
+    The owner (the bike) creates boards before the drivers, puts them in
     ``hardware.ports[name]`` and closes them after the drivers; drivers never close
     a board they share.
     """
@@ -264,34 +278,41 @@ class SerialBoard:
         Option("columns", (list,), [], "csv column names, in order (\"_\" skips one)",
                _check_columns),
         Option("reconnect_interval", (float,), 2.0,
-               "seconds between attempts to open an absent board", at_least(0.1)),
+               "seconds between attempts to open a board that is there but cannot be "
+               "opened, or a network URL (a device path is reopened as soon as it "
+               "reappears)", at_least(0.1)),
     )
 
-    def __init__(self, name: str, settings: Mapping[str, Any], hardware: Hardware) -> None:
+    def __init__(self, name: str, settings: Mapping[str, Any], hardware: Hardware,
+                 open_now: bool = True) -> None:
+        """``open_now=False`` leaves the first attempt to the board's thread."""
+        super().__init__(name, hardware)
         opts = {o.name: _setting(settings, o) for o in self.OPTIONS}
-        self.name = name
         self.url: str = opts["url"]
         self.baudrate = int(opts["baudrate"])
         self.format: str = opts["format"]
         self.columns = tuple(c.strip().lower() for c in opts["columns"])
         self.reconnect_interval = float(opts["reconnect_interval"])
-        self.hardware = hardware
         #: Latest value of every key the board has printed, with its arrival time.
         self.latest: dict[str, Reading] = {}
-        #: Lines parsed into readings, and lines dropped as unreadable, since start.
+        #: Lines parsed into readings, lines dropped as unreadable, and reopenings after
+        #: a loss, since start.
         self.good_lines = 0
         self.bad_lines = 0
+        self.reconnects = 0
         self._port: serial.SerialBase | None = None
         self._buffer = bytearray()
         self._discarding = False  # inside an oversized line: drop up to its end
-        self._closed = False
         self._next_attempt = -math.inf
+        self._seen: Hashable | None = _NEVER  # the device as of the last attempt to open it
         self._failing_logged = False
+        self._was_connected = False
         self._unreported_bad = 0
         self._last_bad_text = ""
         self._last_warning = -math.inf
         self._ack_patterns: list[re.Pattern[str]] = []
-        self._try_open()
+        if open_now:
+            self._attempt()
 
     # -- connection
 
@@ -306,25 +327,37 @@ class SerialBoard:
         if scheme in _NATIVE_SCHEMES:
             kwargs["exclusive"] = True  # flock(); other port types accept and ignore it
         if scheme != "rfc2217":
-            # A board that stops reading must not hang the hardware thread on a write;
+            # A board that stops reading must not hang its thread on a write for long;
             # pyserial's rfc2217 raises NotImplementedError for any write_timeout.
             kwargs["write_timeout"] = 1.0
         return kwargs
 
-    def _try_open(self) -> None:
-        """Open the port if the reconnect interval allows; never raises."""
+    def _attempt(self) -> None:
+        """Open the port if it is absent and may be tried now; never raises.
+
+        Tried at once when the device looks different from the last try (it just
+        appeared), else every ``reconnect_interval``; never while a device path is absent.
+        """
         if self._port is not None or self._closed:
             return
         now = self.hardware.clock()
-        if now < self._next_attempt:
+        identity = self.hardware.device_identity(self.url)
+        if identity is None:
+            if self._seen is not _NEVER:  # the very first try says why, in the log
+                self._seen = None  # gone: its return, whatever node it gets, is a change
+                return
+        elif identity == self._seen and now < self._next_attempt:
             return
+        self._seen = identity
         self._next_attempt = now + self.reconnect_interval
         try:
             port = self.hardware.open_serial(self.url, **self._open_kwargs())
         except (serial.SerialException, OSError, ValueError) as exc:
+            self.why_down = f"cannot open {self.url}: {exc}"
             if not self._failing_logged:
-                log.warning("serial board %s: cannot open %s (%s); retrying every %g s",
-                            self.name, self.url, exc, self.reconnect_interval)
+                log.warning("serial board %s: cannot open %s (%s); opening it as soon as it "
+                            "(re)appears, else retrying every %g s", self.name, self.url,
+                            exc, self.reconnect_interval)
                 self._failing_logged = True
             else:
                 log.debug("serial board %s: still cannot open %s: %s", self.name, self.url, exc)
@@ -333,15 +366,25 @@ class SerialBoard:
         self._buffer.clear()
         self._discarding = False
         self._failing_logged = False
+        if self._was_connected:
+            self.reconnects += 1
+        self._was_connected = True
         log.info("serial board %s: connected on %s", self.name, self.url)
+        self._announce(True)
 
     def _lost(self, exc: BaseException) -> None:
-        log.warning("serial board %s: lost %s (%s); retrying every %g s",
-                    self.name, self.url, exc, self.reconnect_interval)
+        log.warning("serial board %s: lost %s (%s); reopening it as soon as it is back",
+                    self.name, self.url, exc)
         self._drop_port()
+        # What it said before it went is no fresh reading once it is back.
+        self.latest.clear()
+        # The next look tries at once if the device is (again) there: a replug can be
+        # faster than the thread's look, and a pty or tty may come back under the same node.
+        self._seen = _AGAIN
         # Logged just now: the failed reopen attempts that follow stay at debug level.
         self._failing_logged = True
         self._next_attempt = self.hardware.clock() + self.reconnect_interval
+        self._announce(False, f"lost {self.url}: {exc}")
 
     def _drop_port(self) -> None:
         port, self._port = self._port, None
@@ -351,10 +394,17 @@ class SerialBoard:
             except (serial.SerialException, OSError):
                 pass  # the device is gone already; nothing left to release
 
-    def close(self) -> None:
-        """Close the port for good (poll no longer reopens it); safe to call twice."""
-        self._closed = True
+    def _release(self) -> None:
         self._drop_port()
+
+    def _fileno(self) -> int | None:
+        port = self._port
+        if port is None:
+            return None
+        try:
+            return int(port.fileno())
+        except (AttributeError, OSError, ValueError, NotImplementedError):
+            return None  # loop://, rfc2217://: read every NO_FD_INTERVAL
 
     # -- reading
 
@@ -412,6 +462,7 @@ class SerialBoard:
         for key, value in values.items():
             self.latest[key] = Reading(value, now)
         self.good_lines += 1
+        self._deliver(values)
 
     def _bad(self, text: str) -> None:
         self.bad_lines += 1
@@ -430,38 +481,47 @@ class SerialBoard:
         self._unreported_bad = 0
         self._last_warning = now
 
-    def poll(self) -> None:
-        """Reconnect if due, then parse every complete line waiting; never blocks or raises.
+    def _receive(self) -> None:
+        self.drain()
 
-        Safe to call several times per tick (one board, several drivers).
+    def _idle_timeout(self) -> float | None:
+        # Unreported bad lines are flushed within a second of their 10 s window ending.
+        return 1.0 if self._unreported_bad else None
+
+    def _housekeeping(self) -> None:
+        self._warn_bad()
+
+    def drain(self) -> None:
+        """Parse every complete line waiting, without blocking; never raises.
+
+        Call it only on the board's thread, or when it has none.
         """
-        self._try_open()
         try:
             lines = self._read_lines()
         except HardwareError:
             lines = []
         for line in lines:
             self._handle_line(line)
+
+    def poll(self) -> None:
+        """Without a thread: reopen if due, then parse every line waiting; never raises.
+
+        While the board's thread runs it does this itself, and poll() does nothing.
+        """
+        if self._thread is not None:
+            return
+        self._attempt()
+        self.drain()
         self._warn_bad()
 
     def wait_readable(self, timeout: float) -> bool:
-        """Block until bytes may be waiting, at most ``timeout`` s (for the simulator, tests).
+        """Block until bytes may be waiting, at most ``timeout`` s (tests, without a thread).
 
-        Returns False at once when disconnected. Ports without a file descriptor
-        (``loop://``, ``rfc2217://``) are checked every 10 ms.
+        Returns False at once when disconnected.
         """
-        port = self._port
-        if port is None:
-            return False
-        try:
-            fd = port.fileno()
-        except (AttributeError, OSError, ValueError):
-            time.sleep(min(max(timeout, 0.0), 0.01))
-            return True
-        ready, _, _ = select.select([fd], [], [], max(timeout, 0.0))
-        return bool(ready)
+        return self.connected and self.wait_input(timeout)
 
-    # -- for actuators
+    # -- for actuators (on the board's thread, or without one)
 
     def ignore_lines_matching(self, pattern: re.Pattern[str]) -> None:
         """Do not count lines matching ``pattern`` as bad (a motor board's late acks)."""
@@ -469,10 +529,13 @@ class SerialBoard:
 
     def write(self, data: bytes) -> None:
         """Send ``data`` to the board; raise HardwareError when it is absent or fails."""
-        self._try_open()
+        if self._closed:
+            raise HardwareError(f"serial board {self.name} is closed")
+        self._attempt()
         port = self._port
         if port is None:
-            raise HardwareError(f"serial board {self.name} ({self.url}) is not connected")
+            raise HardwareError(f"serial board {self.name} ({self.url}) is not connected"
+                                + (f": {self.why_down}" if self.why_down else ""))
         try:
             port.write(data)
         except (serial.SerialException, OSError) as exc:
@@ -484,13 +547,16 @@ class SerialBoard:
             re.Match[str] | None):
         """Wait up to ``timeout`` real seconds for a line matching ``pattern`` (re.search).
 
-        Other lines arriving meanwhile are parsed as readings, not lost. Returns the
-        match, or None on timeout; raises HardwareError if the board fails meanwhile.
-        The deadline is real time, not ``hardware.clock``: this waits on actual bytes.
+        Other lines arriving meanwhile are readings, delivered as usual, not lost.
+        Returns the match, or None on timeout; raises HardwareError if the board fails
+        or is closed meanwhile. The deadline is real time, not ``hardware.clock``: this
+        waits on actual bytes.
         """
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
+            if self._closed:
+                raise HardwareError(f"serial board {self.name} was closed")
             if self._port is None:
                 raise HardwareError(f"serial board {self.name} ({self.url}) is not connected")
             match: re.Match[str] | None = None
@@ -505,7 +571,7 @@ class SerialBoard:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            self.wait_readable(left)
+            self.wait_input(left)
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
@@ -516,7 +582,7 @@ def _board(hardware: Hardware, name: str) -> SerialBoard:
     board = hardware.ports.get(name)
     if board is None:
         raise HardwareError(f"no serial board named {name!r}: add a [serial.{name}] table")
-    return board
+    return board  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- drivers
@@ -526,12 +592,15 @@ class SerialSensor(Sensor):
     """A sensor topic fed by one key of a serial board's lines.
 
     The board (``port``) prints lines such as ``72`` or ``hr=72,power=180``; this
-    driver reports ``latest[field] * scale + offset``, or nothing when that key has
-    not been printed for ``stale_after`` seconds (board unplugged, sensor silent).
+    driver reports ``latest[field] * scale + offset``, or nothing while the board is
+    away or that key has not been printed for ``stale_after`` seconds.
+    Once started it pushes each reading as its line arrives. If the board keeps
+    printing good lines without the key, that is logged once, with the keys it prints.
     """
 
     KIND = "serial_sensor"
     TOPICS = frozenset({"heartrate", "power", "speed", "cadence"})
+    PUSHES = True
     OPTIONS = (
         Option("port", (str,), REQUIRED, "name of the [serial.NAME] board"),
         Option("field", (str,), "value",
@@ -546,22 +615,65 @@ class SerialSensor(Sensor):
     def __init__(self, topic: str, settings: Mapping[str, Any], hardware: Hardware) -> None:
         super().__init__(topic, settings, hardware)
         opts = {o.name: _setting(settings, o) for o in SerialSensor.OPTIONS}
-        self.board = _board(hardware, opts["port"])
+        self.board: SerialBoard = _board(hardware, opts["port"])
         self.field = opts["field"].strip().lower()
         self.scale = float(opts["scale"])
         self.offset = float(opts["offset"])
         self.stale_after = float(opts["stale_after"])
+        self._unsubscribe: Callable[[], None] | None = None
+        # The board's thread alone touches these (in _values).
+        self._field_seen = False
+        self._lines_without = 0
+        self._keys_seen: set[str] = set()
+        self.missing_field: str | None = None  # set once the key is known to be missing
 
-    def poll(self) -> None:
-        """Drain the shared board (harmless when its other drivers do so too)."""
-        self.board.poll()
+    def start(self, emit: Callable[[float], None]) -> None:
+        """Push ``value * scale + offset`` from every line of the board that carries it."""
+        def on_values(values: dict[str, float]) -> None:
+            value = values.get(self.field)
+            if value is None:
+                self._note_missing(values)
+                return
+            self._field_seen = True
+            emit(value * self.scale + self.offset)
+
+        self._unsubscribe = self.board.subscribe(on_values=on_values)
+
+    def _note_missing(self, values: dict[str, float]) -> None:
+        if self._field_seen or self.missing_field is not None:
+            return
+        self._lines_without += 1
+        self._keys_seen.update(values)
+        if self._lines_without >= MISSING_FIELD_LINES:
+            sends = ", ".join(sorted(self._keys_seen))
+            self.missing_field = (f"serial board {self.board.name} sends no field "
+                                  f"{self.field!r} (it sends: {sends})")
+            log.warning("%s: %s; check field in [%s]", self.topic, self.missing_field,
+                        self.topic, extra={"TOPIC": self.topic, "DRIVER": self.KIND})
 
     def read(self) -> float | None:
-        """The scaled latest reading, or None when it is missing or stale."""
+        """The scaled latest reading, or None when it is missing, stale or the board is away."""
+        if not self.board.connected:
+            return None
         reading = self.board.latest.get(self.field)
         if reading is None or self.hardware.clock() - reading.time > self.stale_after:
             return None
         return reading.value * self.scale + self.offset
+
+    def stale_reason(self) -> str:
+        """The board is away, does not send the field, or went quiet."""
+        if not self.board.connected:
+            return f"serial board {self.board.name} is not connected: {self.board.why_down}"
+        if self.missing_field:
+            return self.missing_field
+        return (f"no {self.field!r} from serial board {self.board.name} for "
+                f"{self.stale_after:g} s")
+
+    def close(self) -> None:
+        """Stop hearing the board (which stays open for its other drivers)."""
+        unsubscribe, self._unsubscribe = self._unsubscribe, None
+        if unsubscribe is not None:
+            unsubscribe()
 
 
 class _Number(float):
@@ -588,6 +700,7 @@ class SerialActuator(Actuator):
     ``ack = "^ok (?P<value>\\S+)"``; the ``value`` group, when present, is the value
     reported as reached. Unanswered commands are sent again ``retries`` times, then
     the command fails. Other lines the board prints meanwhile still count as readings.
+    The write and the wait happen on the board's thread: they hold up this board only.
     """
 
     KIND = "serial_actuator"
@@ -608,7 +721,7 @@ class SerialActuator(Actuator):
     def __init__(self, topic: str, settings: Mapping[str, Any], hardware: Hardware) -> None:
         super().__init__(topic, settings, hardware)
         opts = {o.name: _setting(settings, o) for o in SerialActuator.OPTIONS}
-        self.board = _board(hardware, opts["port"])
+        self.board: SerialBoard = _board(hardware, opts["port"])
         self.template: str = opts["template"]
         self.ack: re.Pattern[str] | None = re.compile(opts["ack"]) if opts["ack"] else None
         self.ack_timeout = float(opts["ack_timeout"])
@@ -616,25 +729,40 @@ class SerialActuator(Actuator):
         if self.ack is not None:
             self.board.ignore_lines_matching(self.ack)
 
-    def poll(self) -> None:
-        """Drain the shared board, so stray answers never pile up."""
-        self.board.poll()
-
     def command(self, value: float) -> bytes:
         """The bytes sent for ``value``."""
         return self.template.format(value=_Number(value), topic=self.topic).encode("utf-8")
 
     def apply(self, value: float) -> float:
-        """Send the command; with ``ack``, wait for the answer and retry; return the value.
+        """Send the command and, with ``ack``, wait for the answer; return the value reached.
 
+        Blocks the caller (the work runs on the board's thread when it has one).
         Raises HardwareError when the board is absent, fails, or never acknowledges.
         """
+        return self.board.call(lambda: self._move(value))
+
+    def apply_async(self, value: float,
+                    done: Callable[[float | None, str | None], None]) -> None:
+        """Queue the command on the board's thread; ``done`` is called from there."""
+        def job() -> None:
+            try:
+                reached = self._move(value)
+            except HardwareError as exc:
+                done(None, str(exc))
+            except Exception as exc:  # a bug must not leave the bike waiting forever
+                log.exception("%s: writing %g failed", self.topic, value)
+                done(None, f"{type(exc).__name__}: {exc}")
+            else:
+                done(reached, None)
+        self.board.run(job)
+
+    def _move(self, value: float) -> float:
         data = self.command(value)
         attempts = 1 + self.retries
         for attempt in range(1, attempts + 1):
             # An answer to an earlier command still in the pipe must not pass for
             # this one's: read everything waiting before sending.
-            self.board.poll()
+            self.board.drain()
             self.board.write(data)
             if self.ack is None:
                 return value
@@ -643,8 +771,8 @@ class SerialActuator(Actuator):
                 reached = self._reached(match, value)
                 if reached is not None:
                     return reached
-            log.info("%s: no acknowledgement from serial board %s (attempt %d of %d)",
-                     self.topic, self.board.name, attempt, attempts)
+            log.debug("%s: no acknowledgement from serial board %s (attempt %d of %d)",
+                      self.topic, self.board.name, attempt, attempts)
         raise HardwareError(
             f"{self.topic}: no acknowledgement from serial board {self.board.name} after "
             f"{attempts} attempt(s) of {data!r} (expected a line matching "

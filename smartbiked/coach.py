@@ -1,0 +1,104 @@
+"""The trainer modes in the running daemon: a :class:`~smartbiked.trainer.Trainer` fed
+with the bike's readings, moving its resistance through the ordinary command path.
+
+The Trainer itself is pure (no threads, no MQTT). The coach gives it a lock, a ``coach``
+thread that ticks it four times a second, and two outlets: its resistance and incline
+goals become ordinary :class:`~smartbiked.topics.Command` objects for the hardware
+thread (so limits, ``min_interval`` and safe values apply as to any app's command), and
+its mode report goes to the outbox as retained state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from smartbiked.config import Config
+from smartbiked.topics import Command, mode_payload, topic_path
+from smartbiked.trainer import Trainer
+
+log = logging.getLogger("smartbiked.coach")
+
+#: Seconds between two trainer ticks.
+TICK = 0.25
+
+#: Topics a trainer handles itself; they never reach the hardware thread.
+TRAINER_TOPICS = frozenset({"targetpower", "grade"})
+
+
+class Coach:
+    """One bike's trainer, safe to call from any thread."""
+
+    def __init__(self, config: Config, submit: Callable[[Command], None],
+                 publish_state: Callable[[str, dict[str, Any]], None]) -> None:
+        limits = config.actuator_limits()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._config = config
+        self._publish_state = publish_state
+        self.trainer = Trainer(
+            config.trainer, limits["resistance"],
+            submit=lambda percent: submit(Command("resistance", percent)),
+            announce=self._announce, clock=time.monotonic,
+            incline_limits=limits.get("incline"),
+            submit_incline=lambda degrees: submit(Command("incline", degrees)))
+
+    @classmethod
+    def create(cls, config: Config, submit: Callable[[Command], None],
+               publish_state: Callable[[str, dict[str, Any]], None]) -> Coach | None:
+        """A coach when ``[trainer] enabled`` and the bike has a resistance actuator."""
+        if not config.trainer.enabled or "resistance" not in config.actuator_limits():
+            return None
+        return cls(config, submit, publish_state)
+
+    def _announce(self, body: dict[str, Any]) -> None:
+        cfg = self._config
+        self._publish_state(topic_path(cfg.bike_id, "mode", "report"),
+                            mode_payload(body, time.time(), cfg.device_name))
+
+    def command(self, command: Command) -> str | None:
+        """A ``targetpower`` or ``grade`` command: None when taken, else the refusal reason."""
+        with self._lock:
+            return self.trainer.command(command)
+
+    def app_command(self, command: Command) -> None:
+        """An app moved resistance or incline itself: resistance leaves ERG/simulation."""
+        with self._lock:
+            if command.topic == "resistance":
+                self.trainer.resistance_commanded(command.value)
+            elif command.topic == "incline":
+                self.trainer.incline_commanded()
+
+    def reading(self, topic: str, value: float) -> None:
+        """Every reading and actuator report the bike publishes."""
+        with self._lock:
+            self.trainer.reading(topic, value)
+
+    def release(self, reason: str) -> None:
+        """Leave ERG or simulation, moving nothing (stop, reload, the bike made safe)."""
+        with self._lock:
+            self.trainer.release(reason)
+
+    def start(self, offline_too_long: Callable[[], bool]) -> None:
+        """Start the ``coach`` thread; ``offline_too_long()`` True means the bike is being
+        made safe (no broker for offline_safe_after): the trainer lets go then."""
+        threading.Thread(target=self._run, args=(offline_too_long,), name="coach",
+                         daemon=True).start()
+
+    def stop(self) -> None:
+        """Let go and end the thread (stop, reload)."""
+        self._stop.set()
+
+    def _run(self, offline_too_long: Callable[[], bool]) -> None:
+        while not self._stop.wait(TICK):
+            try:
+                with self._lock:
+                    if offline_too_long():
+                        self.trainer.release("broker unreachable: actuators made safe")
+                    else:
+                        self.trainer.tick()
+            except Exception:
+                log.exception("trainer tick failed")

@@ -1,0 +1,146 @@
+"""The outbox against a real broker: state never lies, transient messages are bounded.
+
+Pressure is real: the broker is frozen with SIGSTOP, so nothing is acknowledged and
+the outbox can hand paho only the broker's Receive Maximum. A fake clock decides ages.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from smartbiked.mqtt_client import MQTTClient
+from smartbiked.outbox import Outbox
+from tests.conftest import Broker, wait_until
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def outbox(broker: Broker, clock: Clock) -> Iterator[Outbox]:
+    client = MQTTClient(broker.host, "", "", broker.port, client_id="outbox-test")
+    box = Outbox(client, clock=clock, max_waiting=50)
+    client.on_publish = lambda mid, rc: box.acknowledged(mid, rc)  # type: ignore[method-assign]
+    client.setup_mqtt_client()
+    client.loop_start()
+    assert client.connected.wait(10)
+    box.start()
+    yield box
+    box.close()
+    client.disconnect()
+    client.loop_stop()
+
+
+def values(probe, topic: str) -> list[float]:
+    return [json.loads(m.payload)["value"] for m in probe.messages if m.topic == topic]
+
+
+def frozen(broker: Broker):
+    """A context in which the broker acknowledges nothing."""
+    class Frozen:
+        def __enter__(self) -> None:
+            broker.proc.send_signal(signal.SIGSTOP)
+
+        def __exit__(self, *exc: object) -> None:
+            broker.proc.send_signal(signal.SIGCONT)
+    return Frozen()
+
+
+def test_state_is_coalesced_and_its_latest_value_always_arrives(broker, probe, outbox):
+    with frozen(broker):
+        for i in range(500):
+            outbox.state("bike/1/fan/report", {"value": float(i)})
+    wait_until(lambda: outbox.pending() == 0, 20, "the outbox to drain")
+    got = values(probe, "bike/1/fan/report")
+    assert got[-1] == 499.0
+    assert len(got) < 100, "state was not coalesced"
+    assert outbox.counters.shed == {}
+
+
+def test_under_pressure_the_oldest_transient_messages_are_shed_and_counted(
+        broker, probe, outbox):
+    with frozen(broker):
+        for i in range(300):
+            outbox.send("bike/1/power/report", {"value": float(i)}, "reports")
+        outbox.state("bike/1/fan/report", {"value": 7.0})
+    wait_until(lambda: outbox.pending() == 0, 20, "the outbox to drain")
+    wait_until(lambda: values(probe, "bike/1/fan/report") == [7.0], 10, "the state")
+    got = values(probe, "bike/1/power/report")
+    shed = outbox.counters.shed["reports"]
+    assert shed > 0 and len(got) + shed == 300
+    assert got == sorted(got) and got[-1] == 299.0, "the newest must survive, in order"
+    assert outbox.counters.as_dict()["reports_shed"] == shed
+
+
+def test_stale_transient_messages_are_shed_not_sent(broker, probe, outbox, clock):
+    with frozen(broker):
+        for i in range(60):
+            outbox.send("bike/1/speed/report", {"value": float(i)}, "reports")
+        outbox.state("bike/1/resistance/report", {"value": 3.0})
+        clock.now += 5  # the broker was stuck for five seconds
+    wait_until(lambda: values(probe, "bike/1/resistance/report") == [3.0], 10, "the state")
+    wait_until(lambda: outbox.pending() == 0, 20, "the outbox to drain")
+    got = values(probe, "bike/1/speed/report")
+    # At most what paho already held (the broker's Receive Maximum) went out late.
+    assert len(got) <= 20, f"{len(got)} readings arrived five seconds late"
+    assert outbox.counters.shed["reports"] == 60 - len(got)
+
+
+def test_nothing_is_queued_through_an_outage_but_state(make_broker, clock):
+    broker = make_broker()
+    client = MQTTClient(broker.host, "", "", broker.port, client_id="outbox-outage",
+                        reconnect_max=0.5)
+    box = Outbox(client, clock=clock)
+    client.on_publish = lambda mid, rc: box.acknowledged(mid, rc)  # type: ignore[method-assign]
+    client.setup_mqtt_client()
+    box.start()
+    box.send("bike/1/button/report", {"button": "BRAKE"}, "events")  # not connected yet
+    box.state("bike/1/fan/report", {"value": 1.0})
+    client.loop_start()
+    try:
+        assert client.connected.wait(10)
+        box.connected()
+        wait_until(lambda: box.pending() == 0, 10, "the state to go out")
+        assert box.counters.offline == 1
+    finally:
+        box.close()
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_a_packet_over_the_brokers_maximum_is_refused_and_the_connection_stays(
+        make_broker, clock):
+    broker = make_broker(extra=["max_packet_size 400"])
+    client = MQTTClient(broker.host, "", "", broker.port, client_id="outbox-max")
+    box = Outbox(client, clock=clock)
+    client.on_publish = lambda mid, rc: box.acknowledged(mid, rc)  # type: ignore[method-assign]
+    drops: list[object] = []
+    client.on_disconnect = lambda rc: drops.append(rc)  # type: ignore[method-assign]
+    client.setup_mqtt_client()
+    client.loop_start()
+    try:
+        assert client.connected.wait(10)
+        assert client.broker_max_packet == 400
+        box.start()
+        box.state("bike/1/health", {"padding": "x" * 600})
+        box.state("bike/1/fan/report", {"value": 2.0})
+        wait_until(lambda: box.pending() == 0, 10, "the outbox to drain")
+        assert box.counters.refused == 1 and not drops
+    finally:
+        box.close()
+        client.disconnect()
+        client.loop_stop()
