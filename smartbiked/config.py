@@ -211,6 +211,9 @@ _BROKER = (
     Option("ca_file", (str,), "", "CA certificates for TLS (default: the system's)"),
     Option("certfile", (str,), "", "client certificate for TLS, if the broker wants one"),
     Option("keyfile", (str,), "", "client key for TLS"),
+    Option("keyfile_credential", (str,), "mqtt-client-key",
+           "file name in $CREDENTIALS_DIRECTORY holding the client key, used when certfile "
+           "is set and keyfile is empty (systemd LoadCredential=)"),
     Option("keepalive", (int,), 30, "seconds between keep-alive pings", between(5, 3600)),
     Option("reconnect_max", (float,), 1.0,
            "longest wait between reconnect tries, seconds (each wait is 50-100 % of it)",
@@ -443,6 +446,7 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
     broker = check.table("broker", raw.get("broker", {}), _BROKER)
     service = check.table("service", raw.get("service", {}), _SERVICE)
     password, password_from = _password(broker, env, check) if broker else ("", None)
+    _client_key(broker, env)
     _check_tls(broker, check)
 
     serial = _serial_tables(raw.get("serial", {}), check)
@@ -644,6 +648,29 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str], check: _Checker) -> 
             check.from_env[table, key] = var
 
 
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; an unreadable directory (systemd 252 hides credentials
+    from ExecReload) counts as absent, not as a crash."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _client_key(broker: dict[str, Any], env: Mapping[str, str]) -> None:
+    """The TLS client key from $CREDENTIALS_DIRECTORY (LoadCredential=), when certfile is
+    set and keyfile is not; a missing or blank credential means no separate key."""
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if not broker.get("certfile") or broker.get("keyfile") or not directory:
+        return
+    cred = Path(directory) / broker.get("keyfile_credential", "")
+    try:
+        if cred.name and cred.is_file() and cred.read_bytes().strip():
+            broker["keyfile"] = str(cred)
+    except OSError:
+        pass  # unreadable: as if absent; the certificate check says what is missing
+
+
 def _password(broker: dict[str, Any], env: Mapping[str, str],
               check: _Checker) -> tuple[str, Path | None]:
     """The password from MQTT_PASSWORD, password_file or $CREDENTIALS_DIRECTORY, in that
@@ -655,7 +682,7 @@ def _password(broker: dict[str, Any], env: Mapping[str, str],
         candidates.append(("password_file", broker["password_file"]))
     elif env.get("CREDENTIALS_DIRECTORY") and broker.get("password_credential"):
         cred = Path(env["CREDENTIALS_DIRECTORY"]) / broker["password_credential"]
-        if cred.exists():
+        if _exists(cred):
             candidates.append(("password_credential", str(cred)))
     for key, file in candidates:
         try:

@@ -134,7 +134,8 @@ def test_secrets_never_appear_in_errors(tmp_path):
     assert "cannot read the password file" in text and "/nonexistent/pw" in text
     assert "inline-secret" not in text
     assert any(p.endswith("[broker] password: unknown key; known keys: ca_file, certfile, "
-                          "client_id, failover_hosts, host, keepalive, keyfile, max_packet_size, "
+                          "client_id, failover_hosts, host, keepalive, keyfile, "
+                          "keyfile_credential, max_packet_size, "
                           "password_credential, password_file, port, reconnect_max, "
                           "reply_topics, tls, username") for p in found)
 

@@ -58,3 +58,38 @@ def test_an_untrusted_certificate_is_refused_and_retried_not_fatal(tls_broker, r
     assert "certificate verify failed" in daemon.output()  # the journal says why
     assert daemon.proc.poll() is None  # still running, still retrying
     assert "STATUS=connected" not in " ".join(daemon.notify.lines)
+
+
+def test_the_client_key_can_come_from_a_systemd_credential(tmp_path):
+    """LoadCredential=mqtt-client-key: certfile in the config, the key as a credential."""
+    from smartbiked import config as configuration
+
+    client_cert, client_key = make_ca(tmp_path, "bike-client")
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    text = bike_config(None, "").replace(
+        "keepalive = 5", f'keepalive = 5\ntls = true\ncertfile = "{client_cert}"')
+    path = tmp_path / "bike.toml"
+    path.write_text(text)
+    with pytest.raises(configuration.ConfigError, match="certificate and key do not load"):
+        configuration.load(path, environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    (creds / "mqtt-client-key").write_text("\n")  # the unit's fallback: no key
+    with pytest.raises(configuration.ConfigError, match="certificate and key do not load"):
+        configuration.load(path, environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    (creds / "mqtt-client-key").write_bytes(client_key.read_bytes())
+    cfg = configuration.load(path, environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert cfg.broker.keyfile == str(creds / "mqtt-client-key")
+
+
+def test_a_credentials_directory_that_cannot_be_looked_into_is_no_crash(tmp_path):
+    """systemd 252 hides /run/credentials from ExecReload (EACCES): the check must not
+    crash. Root ignores modes, so another error that exists() raises stands in for it."""
+    from smartbiked import config as configuration
+
+    path = tmp_path / "bike.toml"
+    path.write_text(bike_config(None, ""))
+    environ = {"CREDENTIALS_DIRECTORY": str(tmp_path / ("x" * 300))}  # ENAMETOOLONG
+    with pytest.raises(OSError):
+        (Path(environ["CREDENTIALS_DIRECTORY"]) / "mqtt-password").exists()
+    cfg = configuration.load(path, environ=environ)
+    assert cfg.broker.password == ""
