@@ -158,6 +158,8 @@ class Bike:
         self._slots: dict[str, _Slot] = {}
         self._watches: dict[str, _Watch] = {}
         self._scheduler = Scheduler(clock)
+        # Taken from the inbox, not yet handled (a nested stop or reload handles them).
+        self._backlog: collections.deque[tuple[str, Any]] = collections.deque()
         self._deferred: collections.deque[tuple[str, Any]] = collections.deque()
         self._syncs: list[threading.Event] = []
         self._finished = False
@@ -289,7 +291,8 @@ class Bike:
         """Handle events until ``until()`` holds (True) or the real-time deadline (False).
 
         ``hold``: "defer" keeps commands, reloads and stops for later (a reload or the
-        start is under way); "refuse" answers them at once (stopping).
+        start is under way); "refuse" answers them at once (stopping). A stop or reload
+        serves nested: items still waiting in the backlog are its to handle, in order.
         """
         while not until():
             left = deadline - time.monotonic()
@@ -297,7 +300,11 @@ class Bike:
                 return False
             self.heartbeat = self.clock()
             wait = min(self._scheduler.run_due(), self._next_due(), MAX_SLEEP, left)
-            for kind, item in self._take(wait, hold):
+            self._fill(wait, hold)
+            for _ in range(MAX_BATCH):
+                if not self._backlog:
+                    break
+                kind, item = self._backlog.popleft()
                 try:
                     self._handle(kind, item, hold)
                 except Exception:
@@ -308,22 +315,21 @@ class Bike:
                 log.exception("hardware thread error")
         return True
 
-    def _take(self, wait: float, hold: str | None) -> list[tuple[str, Any]]:
-        items: list[tuple[str, Any]] = []
+    def _fill(self, wait: float, hold: str | None) -> None:
+        """Move what the inbox holds to the backlog, waiting up to ``wait`` if there is none."""
         if hold is None and self._deferred:
-            items.extend(self._deferred)
+            self._backlog.extendleft(reversed(self._deferred))
             self._deferred.clear()
-        else:
+        if not self._backlog:
             try:
-                items.append(self._inbox.get(timeout=max(wait, 0.0)))
+                self._backlog.append(self._inbox.get(timeout=max(wait, 0.0)))
             except queue.Empty:
-                return items
-        while len(items) < MAX_BATCH:
+                return
+        while len(self._backlog) < MAX_BATCH:
             try:
-                items.append(self._inbox.get_nowait())
+                self._backlog.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
-        return items
 
     def _handle(self, kind: str, item: Any, hold: str | None) -> None:
         if kind in _HELD and (hold is not None or self._finished):

@@ -652,9 +652,10 @@ class SerialSensor(Sensor):
                         self.topic, extra={"TOPIC": self.topic, "DRIVER": self.KIND})
 
     def read(self) -> float | None:
-        """The scaled latest reading, or None when it is missing, stale or the board is away."""
-        if not self.board.connected:
-            return None
+        """The scaled latest reading, or None when it is missing or stale.
+
+        A board that is lost forgets its readings: nothing from before is fresh.
+        """
         reading = self.board.latest.get(self.field)
         if reading is None or self.hardware.clock() - reading.time > self.stale_after:
             return None
