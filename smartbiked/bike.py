@@ -228,7 +228,7 @@ class Bike:
 
     def stop_time(self, config: Config | None = None) -> float:
         """Seconds a stop may take: one command in flight plus every safe value, acknowledged."""
-        waits = [d.options.get("ack_timeout", 0.0) * (d.options.get("retries", 0) + 1)
+        waits = [float(d.options.get("ack_timeout", 0.0)) * (int(d.options.get("retries", 0)) + 1)
                  for d in (config or self.config).drivers]
         return 2.0 + 2 * sum(waits)
 
@@ -443,8 +443,7 @@ class Bike:
             if isinstance(driver, Sensor):
                 self._watch(driver)
             elif isinstance(driver, EventSource):
-                driver.start(lambda payload, t=spec.topic: self._inbox.put(
-                    ("event", (t, payload))))
+                driver.start(self._event_emitter(spec.topic))
             elif isinstance(driver, Actuator):
                 self._slots[spec.topic] = _Slot(spec.topic, driver)
         except Exception as exc:
@@ -457,6 +456,12 @@ class Bike:
         elif board in self._board_up:  # a board already open: it will not say so again
             self._board_said(board, driver, self._board_up[board], board.why_down)
         log.info("%s: %s driver ready", spec.topic, spec.kind, extra=fields)
+
+    def _event_emitter(self, topic: str) -> Callable[[dict[str, Any]], None]:
+        """What an event source calls (on gpiozero's thread) with each event."""
+        def emit(payload: dict[str, Any]) -> None:
+            self._inbox.put(("event", (topic, payload)))
+        return emit
 
     def _not_started(self, spec: DriverSettings, exc: Exception) -> None:
         reason = f"{spec.kind} driver did not start: {exc}"
@@ -826,14 +831,14 @@ class Bike:
 
         moving = []
         for topic in [*retuned, *reopened]:
-            slot = self._slots.get(topic)
-            if slot is None:
+            now_slot = self._slots.get(topic)
+            if now_slot is None:
                 self._drop(carried.get(topic), f"the {topic} driver did not start")
                 continue
-            pending = slot.pending if topic in retuned else carried.get(topic)
-            if self._settle(slot, pending, slot.value if topic in retuned else values.get(topic),
-                            restore=topic in reopened):
-                moving.append(slot)
+            pending = now_slot.pending if topic in retuned else carried.get(topic)
+            value = now_slot.value if topic in retuned else values.get(topic)
+            if self._settle(now_slot, pending, value, restore=topic in reopened):
+                moving.append(now_slot)
         self._serve(self._idle(moving), deadline, "defer")
         log.info("configuration reloaded: %d opened, %d closed, %d reopened, %d retuned",
                  len(added), len(removed), len(reopened), len(retuned))
