@@ -158,6 +158,8 @@ class Bike:
         self._slots: dict[str, _Slot] = {}
         self._watches: dict[str, _Watch] = {}
         self._scheduler = Scheduler(clock)
+        # Taken from the inbox, not yet handled (a nested stop or reload handles them).
+        self._backlog: collections.deque[tuple[str, Any]] = collections.deque()
         self._deferred: collections.deque[tuple[str, Any]] = collections.deque()
         self._syncs: list[threading.Event] = []
         self._finished = False
@@ -226,7 +228,7 @@ class Bike:
 
     def stop_time(self, config: Config | None = None) -> float:
         """Seconds a stop may take: one command in flight plus every safe value, acknowledged."""
-        waits = [d.options.get("ack_timeout", 0.0) * (d.options.get("retries", 0) + 1)
+        waits = [float(d.options.get("ack_timeout", 0.0)) * (int(d.options.get("retries", 0)) + 1)
                  for d in (config or self.config).drivers]
         return 2.0 + 2 * sum(waits)
 
@@ -289,7 +291,8 @@ class Bike:
         """Handle events until ``until()`` holds (True) or the real-time deadline (False).
 
         ``hold``: "defer" keeps commands, reloads and stops for later (a reload or the
-        start is under way); "refuse" answers them at once (stopping).
+        start is under way); "refuse" answers them at once (stopping). A stop or reload
+        serves nested: items still waiting in the backlog are its to handle, in order.
         """
         while not until():
             left = deadline - time.monotonic()
@@ -297,7 +300,11 @@ class Bike:
                 return False
             self.heartbeat = self.clock()
             wait = min(self._scheduler.run_due(), self._next_due(), MAX_SLEEP, left)
-            for kind, item in self._take(wait, hold):
+            self._fill(wait, hold)
+            for _ in range(MAX_BATCH):
+                if not self._backlog:
+                    break
+                kind, item = self._backlog.popleft()
                 try:
                     self._handle(kind, item, hold)
                 except Exception:
@@ -308,22 +315,21 @@ class Bike:
                 log.exception("hardware thread error")
         return True
 
-    def _take(self, wait: float, hold: str | None) -> list[tuple[str, Any]]:
-        items: list[tuple[str, Any]] = []
+    def _fill(self, wait: float, hold: str | None) -> None:
+        """Move what the inbox holds to the backlog, waiting up to ``wait`` if there is none."""
         if hold is None and self._deferred:
-            items.extend(self._deferred)
+            self._backlog.extendleft(reversed(self._deferred))
             self._deferred.clear()
-        else:
+        if not self._backlog:
             try:
-                items.append(self._inbox.get(timeout=max(wait, 0.0)))
+                self._backlog.append(self._inbox.get(timeout=max(wait, 0.0)))
             except queue.Empty:
-                return items
-        while len(items) < MAX_BATCH:
+                return
+        while len(self._backlog) < MAX_BATCH:
             try:
-                items.append(self._inbox.get_nowait())
+                self._backlog.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
-        return items
 
     def _handle(self, kind: str, item: Any, hold: str | None) -> None:
         if kind in _HELD and (hold is not None or self._finished):
@@ -437,8 +443,7 @@ class Bike:
             if isinstance(driver, Sensor):
                 self._watch(driver)
             elif isinstance(driver, EventSource):
-                driver.start(lambda payload, t=spec.topic: self._inbox.put(
-                    ("event", (t, payload))))
+                driver.start(self._event_emitter(spec.topic))
             elif isinstance(driver, Actuator):
                 self._slots[spec.topic] = _Slot(spec.topic, driver)
         except Exception as exc:
@@ -451,6 +456,12 @@ class Bike:
         elif board in self._board_up:  # a board already open: it will not say so again
             self._board_said(board, driver, self._board_up[board], board.why_down)
         log.info("%s: %s driver ready", spec.topic, spec.kind, extra=fields)
+
+    def _event_emitter(self, topic: str) -> Callable[[dict[str, Any]], None]:
+        """What an event source calls (on gpiozero's thread) with each event."""
+        def emit(payload: dict[str, Any]) -> None:
+            self._inbox.put(("event", (topic, payload)))
+        return emit
 
     def _not_started(self, spec: DriverSettings, exc: Exception) -> None:
         reason = f"{spec.kind} driver did not start: {exc}"
@@ -820,14 +831,14 @@ class Bike:
 
         moving = []
         for topic in [*retuned, *reopened]:
-            slot = self._slots.get(topic)
-            if slot is None:
+            now_slot = self._slots.get(topic)
+            if now_slot is None:
                 self._drop(carried.get(topic), f"the {topic} driver did not start")
                 continue
-            pending = slot.pending if topic in retuned else carried.get(topic)
-            if self._settle(slot, pending, slot.value if topic in retuned else values.get(topic),
-                            restore=topic in reopened):
-                moving.append(slot)
+            pending = now_slot.pending if topic in retuned else carried.get(topic)
+            value = now_slot.value if topic in retuned else values.get(topic)
+            if self._settle(now_slot, pending, value, restore=topic in reopened):
+                moving.append(now_slot)
         self._serve(self._idle(moving), deadline, "defer")
         log.info("configuration reloaded: %d opened, %d closed, %d reopened, %d retuned",
                  len(added), len(removed), len(reopened), len(retuned))

@@ -483,7 +483,7 @@ class Sensor(Driver):
     have ``interval = 0``: every reading reported, as it arrives.
     """
 
-    OPTIONS = (
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("interval", (float,), 1.0,
                "seconds between reports; 0: report every reading as it arrives "
                "(serial sensors)", _interval_problem),
@@ -538,7 +538,7 @@ class Actuator(Driver):
     The config loader fills them in, so a driver finds them all in ``settings``.
     """
 
-    OPTIONS = (
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("min", (float,), None, "lowest accepted value (default: the topic's)"),
         Option("max", (float,), None, "highest accepted value (default: the topic's)"),
         Option("step", (float,), None, "values must lie on this step from min; 0: any",

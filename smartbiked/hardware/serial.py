@@ -619,7 +619,7 @@ class SerialSensor(Sensor):
         self.field = opts["field"].strip().lower()
         self.scale = float(opts["scale"])
         self.offset = float(opts["offset"])
-        self.stale_after = float(opts["stale_after"])
+        self.stale_after: float = float(opts["stale_after"])
         self._unsubscribe: Callable[[], None] | None = None
         # The board's thread alone touches these (in _values).
         self._field_seen = False
@@ -652,9 +652,10 @@ class SerialSensor(Sensor):
                         self.topic, extra={"TOPIC": self.topic, "DRIVER": self.KIND})
 
     def read(self) -> float | None:
-        """The scaled latest reading, or None when it is missing, stale or the board is away."""
-        if not self.board.connected:
-            return None
+        """The scaled latest reading, or None when it is missing or stale.
+
+        A board that is lost forgets its readings: nothing from before is fresh.
+        """
         reading = self.board.latest.get(self.field)
         if reading is None or self.hardware.clock() - reading.time > self.stale_after:
             return None
@@ -758,15 +759,16 @@ class SerialActuator(Actuator):
 
     def _move(self, value: float) -> float:
         data = self.command(value)
+        ack = self.ack
         attempts = 1 + self.retries
         for attempt in range(1, attempts + 1):
             # An answer to an earlier command still in the pipe must not pass for
             # this one's: read everything waiting before sending.
             self.board.drain()
             self.board.write(data)
-            if self.ack is None:
+            if ack is None:
                 return value
-            match = self.board.readline_until(self.ack, self.ack_timeout)
+            match = self.board.readline_until(ack, self.ack_timeout)
             if match is not None:
                 reached = self._reached(match, value)
                 if reached is not None:
@@ -776,7 +778,7 @@ class SerialActuator(Actuator):
         raise HardwareError(
             f"{self.topic}: no acknowledgement from serial board {self.board.name} after "
             f"{attempts} attempt(s) of {data!r} (expected a line matching "
-            f"{self.ack.pattern!r} within {self.ack_timeout:g} s)")
+            f"{ack.pattern if ack else ''!r} within {self.ack_timeout:g} s)")
 
     @staticmethod
     def _reached(match: re.Match[str], commanded: float) -> float | None:
