@@ -57,8 +57,8 @@ log = logging.getLogger("smartbiked.service")
 #: can tell a crash or a cut cable ("lost") from an operator's stop ("offline").
 ONLINE, OFFLINE, LOST = "online", "offline", "lost"
 #: The hardware thread must have shown life within max(this, the ping period) seconds
-#: for a watchdog ping. It wakes every second; a slow serial acknowledgement may hold it
-#: for ack_timeout x (retries + 1).
+#: for a watchdog ping. It wakes every second; acknowledgement waits happen on the
+#: boards' own threads, so only a stuck hardware thread withholds the ping.
 HARDWARE_STALE = 3.0
 #: The health message goes out on a change, but at most this often (seconds)...
 HEALTH_MIN_INTERVAL = 2.0

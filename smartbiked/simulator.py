@@ -37,6 +37,7 @@ not simulated until the daemon restarts.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import math
@@ -143,7 +144,7 @@ class _PinOutput:
         state = float(pin.state)
         if self.kind == "gpio_relay":
             on = bool(state) == s["active_high"]
-            return s["max"] if on else s["min"]
+            return float(s["max"] if on else s["min"])
         if self.kind == "gpio_pwm":
             duty = state if s["active_high"] else 1.0 - state
             return spec.low + duty * (spec.high - spec.low)
@@ -151,9 +152,9 @@ class _PinOutput:
             frequency = pin.frequency
             if not frequency or state <= 0:
                 return None  # no pulses yet: the lever has not been moved
-            low, high = s["min_pulse_width"], s["max_pulse_width"]
+            low, high = float(s["min_pulse_width"]), float(s["max_pulse_width"])
             fraction = min(1.0, max(0.0, (state / frequency - low) / (high - low)))
-            return spec.low + fraction * (spec.high - spec.low)
+            return float(spec.low + fraction * (spec.high - spec.low))
         return None
 
 
@@ -362,7 +363,7 @@ class VirtualBike:
             log.info("virtual serial board %s: %s is %s", name, settings["url"], board.path)
         self._spawn("rider", self._run)
         for name, feed in self.feeds.items():
-            self._spawn(f"feed-{name}", lambda feed=feed: self._feed(feed))
+            self._spawn(f"feed-{name}", functools.partial(self._feed, feed))
         self._hand = _Hand(self)
         self._hand.setup_mqtt_client()
         self._hand.subscribe(press_topic(self.config.bike_id))
