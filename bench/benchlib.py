@@ -395,7 +395,7 @@ class App:
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *args: self._subscribed.set()
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.reconnect_delay_set(0.1, 0.2)  # back soon after a broker outage
 
     def start(self, timeout: float = 10.0) -> App:
         self.client.connect(self.host, self.port, keepalive=30)
@@ -507,3 +507,139 @@ def report_value(payload: bytes) -> float | None:
     except (ValueError, AttributeError):
         return None
     return float(value) if isinstance(value, int | float) else None
+
+
+# ---------------------------------------------------------------------------- fleet
+
+
+class Fleet:
+    """N simulated bikes (``smartbiked --simulate``, distinct ids) on one broker.
+
+    One monitoring app follows every bike's availability, fan reports and sensor
+    reports; :meth:`command_stream` sends fan commands round the fleet at a steady rate
+    and times each from publish to its report.
+    """
+
+    SENSORS = ("speed", "cadence", "power", "heartrate")
+
+    def __init__(self, broker: Mosquitto, workdir: Path, first_id: int = 100) -> None:
+        self.broker = broker
+        self.workdir = workdir
+        self.first_id = first_id
+        self.daemons: dict[str, Daemon] = {}
+        self.online: set[str] = set()
+        self.sensor_reports = 0
+        self.pending: dict[tuple[str, float], list[float]] = {}
+        self.latencies: list[float] = []
+        self._lock = threading.Lock()
+        self.app = App(broker.host, broker.port,
+                       ["bike/+/status", "bike/+/+/report"], on_receive=self._on,
+                       keep=lambda topic: False).start()
+
+    def _on(self, rec: Received) -> None:
+        parts = rec.topic.split("/")
+        if len(parts) == 3 and parts[2] == "status":
+            with self._lock:
+                if rec.payload == b"online":
+                    self.online.add(parts[1])
+                else:
+                    self.online.discard(parts[1])
+        elif len(parts) == 4 and parts[3] == "report":
+            if parts[2] in self.SENSORS:
+                self.sensor_reports += 1  # one thread (paho's) counts: no lock needed
+            elif parts[2] == "fan":
+                value = report_value(rec.payload)
+                with self._lock:
+                    sent = self.pending.get((parts[1], value)) if value is not None else None
+                    if sent:
+                        self.latencies.append((rec.t - sent.pop(0)) * 1000)
+
+    @property
+    def size(self) -> int:
+        return len(self.daemons)
+
+    def grow(self, n: int, batch: int = 8, timeout: float = 120.0) -> float:
+        """Start bikes until there are ``n``, ``batch`` at a time; seconds it took."""
+        t0 = time.monotonic()
+        while self.size < n:
+            started = []
+            for _ in range(min(batch, n - self.size)):
+                bike = f"{self.first_id + self.size:06d}"
+                cfg = self.workdir / f"bike-{bike}.toml"
+                cfg.write_text(example_config(bike, self.broker.port))
+                self.daemons[bike] = Daemon(cfg, self.workdir / f"bike-{bike}.log",
+                                            seed=int(bike)).start()
+                started.append(bike)
+
+            def up(started: list[str] = started) -> bool:
+                for bike in started:
+                    if not self.daemons[bike].alive():
+                        raise SystemExit(f"bike {bike} exited:\n{self.daemons[bike].tail()}")
+                with self._lock:
+                    return all(b in self.online for b in started)
+
+            if not wait_for(up, timeout, 0.05):
+                raise SystemExit(f"bikes {started} not online within {timeout:g} s")
+        return time.monotonic() - t0
+
+    def rss_kib(self) -> list[int]:
+        return [v for d in self.daemons.values() if (v := status_kib(d.pid, "VmRSS"))]
+
+    def cpu(self) -> float:
+        """CPU seconds all the fleet's daemons have used so far."""
+        return sum(cpu_seconds(d.pid) or 0.0 for d in self.daemons.values())
+
+    def idle_cpu(self, seconds: float) -> tuple[float, float]:
+        """(fleet CPU %, broker CPU %) over ``seconds`` with no commands."""
+        c0, b0, t0 = self.cpu(), self.broker.cpu() or 0.0, time.monotonic()
+        time.sleep(seconds)
+        wall = time.monotonic() - t0
+        return (100 * (self.cpu() - c0) / wall,
+                100 * ((self.broker.cpu() or 0.0) - b0) / wall)
+
+    def command_stream(self, rate: float, seconds: float, drain: float = 3.0
+                       ) -> dict[str, Any]:
+        """Fan commands round the fleet at ``rate``/s for ``seconds``; latencies and cost."""
+        bikes = sorted(self.daemons)
+        last: dict[str, float] = {}
+        with self._lock:
+            self.latencies = []
+            self.pending = {}
+        reports0 = self.sensor_reports
+        c0, b0 = self.cpu(), self.broker.cpu() or 0.0
+        count = max(1, int(rate * seconds))
+        t0 = time.monotonic()
+        for i in range(count):
+            wait = t0 + i / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            bike = bikes[i % len(bikes)]
+            value = float(1 + (i // len(bikes)) % 100)
+            if value == last.get(bike):
+                value = 0.0  # never the value it has: an unchanged fan may not report
+            last[bike] = value
+            with self._lock:
+                self.pending.setdefault((bike, value), []).append(time.monotonic())
+            self.app.publish(f"bike/{bike}/fan/control", f"{value:g}", qos=1)
+        sent_s = time.monotonic() - t0
+        wait_for(lambda: len(self.latencies) >= count, drain, 0.05)
+        wall = time.monotonic() - t0
+        with self._lock:
+            lat = list(self.latencies)
+        return {
+            "commands": count, "rate": count / sent_s if sent_s else None,
+            "reported": len(lat), "lost": count - len(lat),
+            "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "max_ms": max(lat, default=None),
+            "fleet_cpu_pct": 100 * (self.cpu() - c0) / wall,
+            "broker_cpu_pct": 100 * ((self.broker.cpu() or 0.0) - b0) / wall,
+            "sensor_reports_per_bike_s": (self.sensor_reports - reports0) / wall / len(bikes),
+        }
+
+    def stop(self) -> None:
+        """Stop every bike (SIGTERM all first, then wait: a big fleet stops in parallel)."""
+        for d in self.daemons.values():
+            if d.alive() and d.proc is not None:
+                d.proc.send_signal(signal.SIGTERM)
+        for d in self.daemons.values():
+            d.stop()
+        self.app.close()
