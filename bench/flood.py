@@ -283,6 +283,8 @@ def run(broker_nodelay: bool, count: int, args: argparse.Namespace,
         # try again until one is answered.
         barrier_at, wall_barrier = None, time.time()
         for attempt in range(60):
+            if not daemon.alive():
+                break
             mark = monitor.mark()
             flooder.publish(f"bike/{BIKE}/fan/control", b"999",
                             properties=v5_reply(f"bike/{BIKE}/reply/barrier", b"%d" % attempt))
@@ -297,7 +299,7 @@ def run(broker_nodelay: bool, count: int, args: argparse.Namespace,
         agreed = 0
         state: dict[str, Any] = {}
         t_settle = time.monotonic()
-        while time.monotonic() - t_settle < args.settle_timeout:
+        while time.monotonic() - t_settle < args.settle_timeout and daemon.alive():
             seen = watch.world_seen
             while watch.world_seen == seen and time.monotonic() - t_settle < args.settle_timeout:
                 time.sleep(0.05)  # the next world state (once a second)

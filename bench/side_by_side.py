@@ -661,6 +661,7 @@ def print_table(results: dict[str, dict[str, list[dict[str, Any]]]],
 
 def fleet(sizes: list[int], p: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     """N simulated bikes on one broker: RSS, idle CPU, command latency across the fleet."""
+    workdir.mkdir(parents=True, exist_ok=True)
     broker = Mosquitto(workdir, nodelay=p.fleet_broker == "nodelay", queue=100_000).start()
     f = Fleet(broker, workdir)
     out = []
@@ -704,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (2)")
     ap.add_argument("-n", type=int, default=None, help="commands per run at 100/s (1000)")
     ap.add_argument("--only", default="smartbiked,mqtt-io,floor",
-                    help="comma-separated bridges to run")
+                    help="comma-separated bridges to run ('' for the fleet figure alone)")
     ap.add_argument("--mqtt-io-venv", type=Path, default=MQTT_IO_VENV)
     ap.add_argument("--outage", type=float, default=None, help="broker outage, s (8)")
     ap.add_argument("--unplug", type=float, default=None, help="board unplugged, s (4.5)")
@@ -738,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {k: v for k, v in bridges(every_line, mio).items() if k in wanted}
     cadence = ("reports every line (interval = 0)" if every_line
                else "reports on change (interval = 0 refused)")
-    print(f"side by side: {', '.join(chosen)}; {p.rounds} round(s); smartbiked's cadence "
+    print(f"side by side: {', '.join(chosen) or 'no bridges'}; {p.rounds} round(s); "
+          f"smartbiked's cadence "
           f"{cadence}; {load_average()}; work folder {workdir}", flush=True)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         k: {"stock": [], "nodelay": []} for k in chosen}
@@ -751,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[name][kind].append(res)
                     print(f"   round {r} {kind:<7} {name:<10} {time.monotonic() - t0:5.1f} s"
                           f"{'  ERROR ' + res['error'] if 'error' in res else ''}", flush=True)
-        print_table(results, p)
+        if chosen:
+            print_table(results, p)
         fleet_rows = fleet(sizes, p, workdir / "fleet") if sizes else []
         if fleet_rows:
             print_fleet(fleet_rows, p)
