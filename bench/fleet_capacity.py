@@ -52,7 +52,7 @@ def print_row(r: dict[str, Any], note: str = "") -> None:
              fmt(r["p99_ms"], unit=" ms"), str(r["lost"]), f"{r['broker_cpu_pct']:.1f} %",
              f"{r['fleet_cpu_pct']:.0f} %", f"{r['sensor_reports_per_bike_s']:.2f}",
              fmt(r["rss_mib_per_bike"], 1, " MiB"), f"{r['load']:.1f}")
-    print("".join(f"{c:>13}" for c in cells) + (f"  {note}" if note else ""), flush=True)
+    print("".join(f"{c:>15}" for c in cells) + (f"  {note}" if note else ""), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "1,5,10,20,30,40,50,60,80,100")).split(",")]
     p.window = p.window or (5.0 if p.quick else 10.0)
     cap = p.time_cap or (50.0 if p.quick else 300.0)
-    if not all(0 < a < b for a, b in zip([0, *steps], steps, strict=False)) or steps[-1] > 200:
+    if not all(0 <= a < b for a, b in zip([0, *steps], steps, strict=False)) or steps[-1] > 200:
         ap.error("--steps must rise, up to 200 bikes")
     if not 0 < p.window <= 120 or not 0 < p.per_bike_rate <= 20:
         ap.error("--window 0..120 s, --per-bike-rate 0..20")
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
           f"; {load_average()}; work folder {workdir}", flush=True)
     head = ("bikes", "commands", "p50", "p99", "never", "broker CPU", "bikes' CPU",
             "sensor/bike/s", "RSS/bike", "load")
-    print("".join(f"{h:>13}" for h in head))
+    print("".join(f"{h:>15}" for h in head))
     t_start = time.monotonic()
     broker = Mosquitto(workdir, nodelay=p.broker == "nodelay", queue=100_000).start()
     fleet = Fleet(broker, workdir)
