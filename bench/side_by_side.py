@@ -563,10 +563,10 @@ def stock_run(bridge: Bridge, workdir: Path, p: argparse.Namespace) -> dict[str,
             return res
         time.sleep(1.0)
         res["idle_cpu_pct"] = run.idle(p.idle)
-        res["line13"] = run.lines(13, p.lines13)
-        res["cmd_stock"] = run.commands(100, p.n)
+        res["line13"] = run.lines(13, p.lines13, p.warmup, p.drain)
+        res["cmd_stock"] = run.commands(100, p.n, p.warmup, p.drain)
         for rate, n in zip(p.rates, p.rate_lines, strict=True):
-            res[f"lines{rate}"] = run.lines(rate, n, drain=2.0)
+            res[f"lines{rate}"] = run.lines(rate, n, p.warmup, p.drain)
         if bridge.replug and p.unplug > 0:
             res["unplug"] = run.unplug(p.unplug)
         if p.outage > 0:
@@ -588,7 +588,7 @@ def nodelay_run(bridge: Bridge, workdir: Path, p: argparse.Namespace) -> dict[st
             return res
         time.sleep(1.0)
         res["idle_cpu_pct"] = run.idle(min(p.idle, 3.0))
-        res["cmd_nodelay"] = run.commands(100, p.n)
+        res["cmd_nodelay"] = run.commands(100, p.n, p.warmup, p.drain)
     finally:
         res.update(run.stop())
     return res
@@ -718,17 +718,19 @@ def main(argv: list[str] | None = None) -> int:
     p = ap.parse_args(argv)
     q = p.quick
     p.rounds = p.rounds or (1 if q else 2)
-    p.n = p.n or (200 if q else 1000)
+    p.n = p.n or (100 if q else 1000)
     p.lines13 = 26 if q else 130
     p.rates = [100, 500, 1000]
-    p.rate_lines = [200, 250, 500] if q else [1000, 2000, 3000]
+    p.rate_lines = [100, 250, 500] if q else [1000, 2000, 3000]
     p.idle = 2.0 if q else 10.0
-    p.outage = p.outage if p.outage is not None else (2.0 if q else 8.0)
-    p.unplug = p.unplug if p.unplug is not None else (1.0 if q else 4.5)
-    sizes = [] if p.no_fleet else [int(x) for x in (p.fleet or ("1,5" if q else "1,10,50"))
+    p.warmup = 5 if q else 20  # unmeasured messages before each phase, at its rate
+    p.drain = 1.0 if q else 3.0  # longest wait for stragglers after a phase
+    p.outage = p.outage if p.outage is not None else (1.0 if q else 8.0)
+    p.unplug = p.unplug if p.unplug is not None else (0.5 if q else 4.5)
+    sizes = [] if p.no_fleet else [int(x) for x in (p.fleet or ("1,3" if q else "1,10,50"))
                                    .split(",") if int(x) > 0]
-    p.fleet_idle = 3.0 if q else 10.0
-    p.fleet_seconds = 5.0 if q else 15.0
+    p.fleet_idle = 2.0 if q else 10.0
+    p.fleet_seconds = 3.0 if q else 15.0
     if not 1 <= p.rounds <= 10 or not 10 <= p.n <= 10_000 or any(n > 200 for n in sizes):
         ap.error("rounds 1..10, -n 10..10000, fleet sizes up to 200")
 
