@@ -27,8 +27,8 @@ after it (the first one, and the median of ten). Log lines are counted from the
 flood's start to the daemon's exit, at least 11 s later (so the log flood guard's
 summaries are in), and include the ten good commands and the shutdown.
 
-    .venv/bin/python bench/flood.py            # both brokers, 10,000 commands (~2 min)
-    .venv/bin/python bench/flood.py --quick    # 2,000 commands (under a minute)
+    .venv/bin/python bench/flood.py            # both brokers, 10,000 commands (~45 s)
+    .venv/bin/python bench/flood.py --quick    # 2,000 commands (~30 s)
 """
 
 from __future__ import annotations
