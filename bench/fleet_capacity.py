@@ -90,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             "sensor/bike/s", "RSS/bike", "load")
     print("".join(f"{h:>15}" for h in head))
     t_start = time.monotonic()
-    broker = Mosquitto(workdir, nodelay=p.broker == "nodelay", queue=100_000).start()
-    fleet = Fleet(broker, workdir)
+    broker = Mosquitto(workdir, nodelay=p.broker == "nodelay", queue=100_000)
+    fleet: Fleet | None = None
     carried, over = 0, None
     try:
+        broker.start()
+        fleet = Fleet(broker, workdir)
         for n in steps:
             if time.monotonic() - t_start > cap:
                 print(f"time cap ({cap:g} s) reached before {n} bikes")
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             over = again
             break
     finally:
-        fleet.stop()
+        if fleet is not None:
+            fleet.stop()
         broker.stop()
         if p.keep:
             print(f"logs kept in {workdir}")

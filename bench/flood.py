@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import random
@@ -230,25 +231,33 @@ def run(broker_nodelay: bool, count: int, args: argparse.Namespace,
         workdir: Path) -> dict[str, Any]:
     """One broker variant: start it and the daemon, flood, settle, measure."""
     res: dict[str, Any] = {}
-    broker = Mosquitto(workdir, nodelay=broker_nodelay, queue=args.broker_queue).start()
-    cfg = workdir / f"bike-{broker.kind}.toml"
-    cfg.write_text(example_config(BIKE, broker.port))
-    check_config(cfg)
-    daemon = Daemon(cfg, workdir / f"daemon-{broker.kind}.log", seed=args.seed).start()
-    hostile = set(hostile_reply_topics(BIKE))
-    watch = Watch(BIKE, hostile)
-    subs = [f"bike/{BIKE}/status", f"bike/{BIKE}/+/report", f"bike/{BIKE}/+/status",
-            f"bike/{BIKE}/reply/#", f"smartbike-sim/{BIKE}/state",
-            # Those an answer could reach: mosquitto takes no wildcard, $ or 200+ levels.
-            *(t for t in hostile if "+" not in t and "#" not in t and not t.startswith("$")
-              and t.count("/") < 200)]
-    monitor = App(broker.host, broker.port, subs, on_receive=watch.on,
-                  keep=lambda t: t.endswith(("/fan/report", "/reply/barrier",
-                                             "/reply/latency"))).start()
-    flooder = App(broker.host, broker.port)
-    flooder.client.max_inflight_messages_set(100)
-    flooder.start()
-    try:
+    # Whatever has started is stopped again, however the run ends.
+    with contextlib.ExitStack() as stack:
+        broker = Mosquitto(workdir, nodelay=broker_nodelay, queue=args.broker_queue)
+        broker.start()
+        stack.callback(broker.stop)
+        cfg = workdir / f"bike-{broker.kind}.toml"
+        cfg.write_text(example_config(BIKE, broker.port))
+        check_config(cfg)
+        daemon = Daemon(cfg, workdir / f"daemon-{broker.kind}.log", seed=args.seed)
+        stack.callback(daemon.stop)
+        daemon.start()
+        hostile = set(hostile_reply_topics(BIKE))
+        watch = Watch(BIKE, hostile)
+        subs = [f"bike/{BIKE}/status", f"bike/{BIKE}/+/report", f"bike/{BIKE}/+/status",
+                f"bike/{BIKE}/reply/#", f"smartbike-sim/{BIKE}/state",
+                # Those an answer could reach: mosquitto takes no wildcard, $ or 200+ levels.
+                *(t for t in hostile if "+" not in t and "#" not in t and not t.startswith("$")
+                  and t.count("/") < 200)]
+        monitor = App(broker.host, broker.port, subs, on_receive=watch.on,
+                      keep=lambda t: t.endswith(("/fan/report", "/reply/barrier",
+                                                 "/reply/latency")))
+        stack.callback(monitor.close)
+        monitor.start()
+        flooder = App(broker.host, broker.port)
+        flooder.client.max_inflight_messages_set(100)
+        stack.callback(flooder.close)
+        flooder.start()
         t0 = time.monotonic()
         while not any(p == b"online" for _, p, _ in watch.status):
             if not daemon.alive() or time.monotonic() - t0 > 30:
@@ -364,11 +373,6 @@ def run(broker_nodelay: bool, count: int, args: argparse.Namespace,
         res["stop_s"] = daemon.stop()
         res["log_lines_flood"] = daemon.log_lines() - lines_before
         res["log_bytes_flood"] = daemon.log.stat().st_size - bytes_before
-    finally:
-        daemon.stop()
-        flooder.close()
-        monitor.close()
-        broker.stop()
     return res
 
 

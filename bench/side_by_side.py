@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import contextlib
 import json
 import os
 import re
@@ -323,18 +324,27 @@ class Run:
         self.report_re = re.compile(bridge.report_re)
         self.command_re = re.compile(bridge.command_re)
         self.seq = 0
-        self.broker = Mosquitto(workdir, nodelay=nodelay, queue=100_000).start()
-        self.board = Board(workdir / "ttyBIKE")
-        self.app = App(self.broker.host, self.broker.port,
-                       [bridge.report_topic, bridge.status_topic],
-                       keep=lambda topic: topic == bridge.report_topic).start()
-        cfg = workdir / "bridge.conf"
-        cfg.write_text(bridge.config(str(self.board.link), self.broker.port))
-        self.log = open(workdir / "bridge.log", "w")
-        self.proc = subprocess.Popen(bridge.argv(cfg), cwd=ROOT, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=daemon_env(workdir / "run"))
         self.idle_cpu_per_s: float | None = None
+        # What has started is stopped again if a later part fails to start.
+        with contextlib.ExitStack() as undo:
+            self.broker = Mosquitto(workdir, nodelay=nodelay, queue=100_000)
+            undo.callback(self.broker.stop)
+            self.broker.start()
+            self.board = Board(workdir / "ttyBIKE")
+            undo.callback(self.board.unplug)
+            self.app = App(self.broker.host, self.broker.port,
+                           [bridge.report_topic, bridge.status_topic],
+                           keep=lambda topic: topic == bridge.report_topic)
+            undo.callback(self.app.close)
+            self.app.start()
+            cfg = workdir / "bridge.conf"
+            cfg.write_text(bridge.config(str(self.board.link), self.broker.port))
+            self.log = open(workdir / "bridge.log", "w")
+            undo.callback(self.log.close)
+            self.proc = subprocess.Popen(bridge.argv(cfg), cwd=ROOT, stdout=self.log,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=daemon_env(workdir / "run"))
+            undo.pop_all()  # all started: stop() undoes it from now on
 
     # -- helpers
 
@@ -662,10 +672,12 @@ def print_table(results: dict[str, dict[str, list[dict[str, Any]]]],
 def fleet(sizes: list[int], p: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     """N simulated bikes on one broker: RSS, idle CPU, command latency across the fleet."""
     workdir.mkdir(parents=True, exist_ok=True)
-    broker = Mosquitto(workdir, nodelay=p.fleet_broker == "nodelay", queue=100_000).start()
-    f = Fleet(broker, workdir)
+    broker = Mosquitto(workdir, nodelay=p.fleet_broker == "nodelay", queue=100_000)
+    f: Fleet | None = None
     out = []
     try:
+        broker.start()
+        f = Fleet(broker, workdir)
         for n in sizes:
             started = f.grow(n)
             time.sleep(2.0)  # start-up reports and health messages pass
@@ -678,7 +690,8 @@ def fleet(sizes: list[int], p: argparse.Namespace, workdir: Path) -> list[dict[s
             out.append(row)
             print(f"   fleet of {n}: p99 {fmt(row['p99_ms'])} ms ({load_average()})", flush=True)
     finally:
-        f.stop()
+        if f is not None:
+            f.stop()
         broker.stop()
     return out
 
