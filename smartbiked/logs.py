@@ -68,13 +68,14 @@ class FloodGuard(logging.Filter):
             entry[2] += 1
             return False
 
-    def flush(self) -> None:
-        """Say how many records each kind held back in a window that has ended."""
+    def flush(self, final: bool = False) -> None:
+        """Say how many records each kind held back in a window that has ended (all
+        windows when ``final``: at exit, so a count is never lost)."""
         now = self.clock()
         summaries = []
         with self._lock:
             for kind, entry in list(self._kinds.items()):
-                if now - entry[0] >= self.window:
+                if final or now - entry[0] >= self.window:
                     del self._kinds[kind]
                     if entry[2]:
                         summaries.append((kind, entry[2]))

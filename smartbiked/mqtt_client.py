@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -64,6 +65,25 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         pass  # not a TCP socket (websockets, unix): nothing to tune
 
 
+#: Linux's TCP_QUICKACK (12): not in every Python's socket module.
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12 if sys.platform.startswith("linux") else None)
+
+
+def _quick_ack(sock: Any) -> None:
+    """Acknowledge what was just read at once instead of up to 40 ms later.
+
+    A stock mosquitto leaves Nagle's algorithm on: it holds the next command for us while
+    its last small packet (the PUBACK of our report) waits for our delayed ACK. Linux
+    leaves quick-ACK mode on its own, so it is asked for again after every read.
+    """
+    if _TCP_QUICKACK is None or sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+    except (OSError, AttributeError, TypeError):
+        pass  # not a TCP socket (TLS wrappers pass it through; websockets, unix do not)
+
+
 def _set_reconnect_delay(client: mqtt.Client, delay: float) -> None:
     """Make paho wait ``delay`` seconds before each reconnect attempt (no back-off)."""
     # paho annotates the delays as int, but only adds them to monotonic() and compares
@@ -91,6 +111,11 @@ class _LivenessClient(mqtt.Client):
     def loop_write(self) -> MQTTErrorCode:
         with self._write_lock:
             return super().loop_write()
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        result = super().loop_read(max_packets)
+        _quick_ack(self.socket())
+        return result
 
     def loop_misc(self) -> MQTTErrorCode:
         self.last_pass = time.monotonic()

@@ -34,6 +34,10 @@ log = logging.getLogger("smartbiked.outbox")
 
 #: Transient messages waiting at most; past this the oldest is shed.
 MAX_WAITING = 256
+#: Refusals and replies waiting at most: a flood of bad commands sheds its own oldest
+#: answers, not the readings behind them.
+MAX_ANSWERS = 32
+_ANSWERS = frozenset({"refusals", "replies"})
 #: A transient message older than this (seconds) is shed rather than sent: a reading
 #: that arrives seconds late misleads more than a missing one.
 MAX_AGE = 1.0
@@ -132,6 +136,7 @@ class Outbox:
         self._state: dict[str, _Message] = {}  # latest payload of every state topic
         self._queued_state: set[str] = set()  # state topics with a place in the line
         self._transient = 0
+        self._answers = 0  # refusals and replies among the transient messages
         self._unacked: dict[int, tuple[float, _Message]] = {}
         # Acks that overtook publish() returning on the outbox thread.
         self._early_acks: set[int] = set()
@@ -165,9 +170,13 @@ class Outbox:
             if not self.client.is_connected():
                 self.counters.offline += 1
                 return
+            if kind in _ANSWERS and self._answers >= MAX_ANSWERS:
+                self._shed_oldest(_ANSWERS)
             while self._transient >= self.max_waiting:
                 self._shed_oldest()
             self._line.append(msg)
+            if kind in _ANSWERS:
+                self._answers += 1
             self._transient += 1
             self._cond.notify_all()
 
@@ -213,6 +222,7 @@ class Outbox:
                     self.counters.offline += 1
             self._line = kept
             self._transient = 0
+            self._answers = 0
             self._cond.notify_all()
 
     def acknowledged(self, mid: int, reason_code: Any = None) -> None:
@@ -280,6 +290,8 @@ class Outbox:
                         self._queued_state.discard(item)
                         return self._state[item]
                     self._transient -= 1
+                    if item.kind in _ANSWERS:
+                        self._answers -= 1
                     if self.clock() - item.born > self.max_age:
                         self._count_shed(item.kind)
                         continue
@@ -316,11 +328,14 @@ class Outbox:
         for mid in [m for m, (t, _) in self._unacked.items() if now - t > ACK_TIMEOUT]:
             del self._unacked[mid]
 
-    def _shed_oldest(self) -> None:
+    def _shed_oldest(self, kinds: frozenset[str] | None = None) -> None:
+        """Drop the oldest waiting transient message (of one of ``kinds``, if given)."""
         for i, item in enumerate(self._line):
-            if not isinstance(item, str):
+            if not isinstance(item, str) and (kinds is None or item.kind in kinds):
                 del self._line[i]
                 self._transient -= 1
+                if item.kind in _ANSWERS:
+                    self._answers -= 1
                 self._count_shed(item.kind)
                 return
 

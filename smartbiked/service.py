@@ -256,6 +256,10 @@ class Service:
         self.outbox.drain(timeout=1.5)
         self.outbox.close()
         self.client.disconnect()
+        handlers = logging.getLogger().handlers
+        guard = logs.flood_guard(handlers[0]) if handlers else None
+        if guard is not None:
+            guard.flush(final=True)  # what a flood held back is said before the exit
 
     def reload(self) -> bool:
         """Re-read the config file; keep the running one when the new one is invalid.

@@ -65,6 +65,7 @@ def test_state_is_coalesced_and_its_latest_value_always_arrives(broker, probe, o
         for i in range(500):
             outbox.state("bike/1/fan/report", {"value": float(i)})
     wait_until(lambda: outbox.pending() == 0, 20, "the outbox to drain")
+    probe.json("bike/1/fan/report", lambda d: d["value"] == 499.0)
     got = values(probe, "bike/1/fan/report")
     assert got[-1] == 499.0
     assert len(got) < 100, "state was not coalesced"
@@ -144,3 +145,18 @@ def test_a_packet_over_the_brokers_maximum_is_refused_and_the_connection_stays(
         box.close()
         client.disconnect()
         client.loop_stop()
+
+
+def test_a_flood_of_refusals_sheds_its_own_oldest_not_the_readings(broker, probe, outbox):
+    with frozen(broker):
+        for i in range(10):
+            outbox.send("bike/1/power/report", {"value": float(i)}, "reports")
+        for i in range(200):
+            outbox.send("bike/1/fan/status", {"ok": False, "n": i}, "refusals")
+    wait_until(lambda: outbox.pending() == 0, 20, "the outbox to drain")
+    probe.json("bike/1/fan/status", lambda d: d["n"] == 199)  # the broker delivered it all
+    assert values(probe, "bike/1/power/report") == [float(i) for i in range(10)]
+    refusals = [json.loads(m.payload)["n"] for m in probe.messages
+                if m.topic == "bike/1/fan/status"]
+    assert refusals[-1] == 199 and len(refusals) <= 20 + 32
+    assert outbox.counters.shed["refusals"] == 200 - len(refusals)
