@@ -670,6 +670,14 @@ class Bike:
         write = slot.pending
         if slot.busy is not None or write is None:
             return
+        if write.why in ("command", "reload") and self._made_safe():
+            slot.pending = None
+            if write.command is not None:
+                self._count("commands_failed")
+                self.outbox.outcome(write.command, write.replies, None,
+                                    "not applied: the broker is unreachable and the "
+                                    "actuators were made safe")
+            return
         if write.command is not None:
             # Protects the motor; a newer command may still replace this one meanwhile.
             if self.clock() < slot.last_write + slot.driver.settings["min_interval"]:
@@ -744,6 +752,9 @@ class Bike:
                         self.clock() - since)
             self._safe_for = self._outage
             self._go_safe("broker lost")
+
+    def _made_safe(self) -> bool:
+        return self._offline_since is not None and self._safe_for == self._outage
 
     def _idle(self, slots: list[_Slot]) -> Callable[[], bool]:
         return lambda: not any(s.busy is not None or s.pending is not None for s in slots)

@@ -55,6 +55,8 @@ class Coach:
         return cls(config, submit, publish_state)
 
     def _announce(self, body: dict[str, Any]) -> None:
+        if self._stop.is_set():
+            return  # a stopped coach's mode is history: the new one announces its own
         cfg = self._config
         self._publish_state(topic_path(cfg.bike_id, "mode", "report"),
                             mode_payload(body, time.time(), cfg.device_name))
@@ -62,6 +64,8 @@ class Coach:
     def command(self, command: Command) -> str | None:
         """A ``targetpower`` or ``grade`` command: None when taken, else the refusal reason."""
         with self._lock:
+            if self._stop.is_set():  # replaced by a reload, or stopping
+                return "the trainer is restarting: send the command again"
             return self.trainer.command(command)
 
     def app_command(self, command: Command) -> None:
@@ -89,7 +93,7 @@ class Coach:
                          daemon=True).start()
 
     def stop(self) -> None:
-        """Let go and end the thread (stop, reload)."""
+        """End the thread (stop, reload); call release() first to announce why."""
         self._stop.set()
 
     def _run(self, offline_too_long: Callable[[], bool]) -> None:

@@ -50,6 +50,8 @@ class FloodGuard(logging.Filter):
         self._kinds: dict[tuple[str, int, str], list[Any]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "flood_summary", False):
+            return True  # flush()'s own summaries: at most one per kind per window
         kind = (record.name, record.levelno, str(record.msg))
         now = self.clock()
         with self._lock:
@@ -82,7 +84,7 @@ class FloodGuard(logging.Filter):
         for (name, level, template), held in summaries:
             logging.getLogger(name).log(
                 level, "%d more message(s) like %.80r suppressed in %.0f s", held, template,
-                self.window)
+                self.window, extra={"flood_summary": True})
 
 
 class _StderrFormatter(logging.Formatter):

@@ -121,7 +121,16 @@ class _LivenessClient(mqtt.Client):
         self.last_pass = time.monotonic()
         return super().loop_misc()
 
+    #: Forget unacknowledged non-retained messages before reconnecting (the daemon:
+    #: a reading or a button press from before an outage must not arrive after it).
+    drop_transient_on_reconnect = False
+
     def reconnect(self) -> MQTTErrorCode:
+        if self.drop_transient_on_reconnect:
+            # paho re-sends every unacknowledged QoS 1 message after the next CONNACK.
+            with self._out_message_mutex:
+                for mid in [m.mid for m in self._out_messages.values() if not m.retain]:
+                    del self._out_messages[mid]
         # paho swallows why a connect failed; keep it so the log can say (TLS, DNS, ...).
         try:
             return super().reconnect()
@@ -194,6 +203,8 @@ class MQTTClient:
         self._suback_pending: dict[int, str] = {}  # SUBSCRIBE mid -> topic, this connection
         self._suback_failures = 0
         self._connected_at = 0.0
+        #: Passed to paho's client: see _LivenessClient.drop_transient_on_reconnect.
+        self.drop_transient_on_reconnect = False
 
     def __repr__(self) -> str:
         return f"<MQTTClient {self.username or 'anonymous'}@{self.broker_address}:{self.port}>"
@@ -225,6 +236,7 @@ class MQTTClient:
         if self.max_packet_size:
             self._connect_props = Properties(PacketTypes.CONNECT)
             self._connect_props.MaximumPacketSize = self.max_packet_size
+        client.drop_transient_on_reconnect = self.drop_transient_on_reconnect
         client.connect_async(self.broker_address, self.port, self.keepalive,
                              properties=self._connect_props)
         self.client = client

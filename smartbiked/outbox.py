@@ -141,6 +141,7 @@ class Outbox:
         # Acks that overtook publish() returning on the outbox thread.
         self._early_acks: set[int] = set()
         self._closed = False
+        self._in_hand = 0  # taken from the line, not yet handed to paho
         self._thread: threading.Thread | None = None
 
     # -- producers ------------------------------------------------------------------------
@@ -254,7 +255,7 @@ class Outbox:
         """Wait until everything waiting is sent and acknowledged; False on timeout."""
         deadline = self.clock() + timeout
         with self._cond:
-            while self._line or self._unacked:
+            while self._line or self._unacked or self._in_hand:
                 left = deadline - self.clock()
                 if left <= 0 or not self.client.is_connected():
                     return False
@@ -275,6 +276,10 @@ class Outbox:
                 self._publish(msg)
             except Exception:
                 log.exception("publishing on %.60r failed", msg.topic)
+            finally:
+                with self._cond:
+                    self._in_hand -= 1
+                    self._cond.notify_all()
 
     def _next(self) -> _Message | None:
         """Block until a message may be sent; None once closed."""
@@ -288,6 +293,7 @@ class Outbox:
                     item = self._line.popleft()
                     if isinstance(item, str):
                         self._queued_state.discard(item)
+                        self._in_hand += 1
                         return self._state[item]
                     self._transient -= 1
                     if item.kind in _ANSWERS:
@@ -295,6 +301,7 @@ class Outbox:
                     if self.clock() - item.born > self.max_age:
                         self._count_shed(item.kind)
                         continue
+                    self._in_hand += 1
                     return item
                 self._cond.wait(1.0)
 

@@ -121,6 +121,7 @@ class BikeConnection(MQTTClient):
             addresses=failover_order(broker.addresses, cfg.bike_id),
         )
         self.service = service
+        self.drop_transient_on_reconnect = True
 
     def on_ready(self) -> None:
         # Only once the broker granted the control subscription: "online" means listening.
@@ -399,8 +400,11 @@ class Service:
         log.warning("%.40s: command refused: %.200s", name, refusal.reason,
                     extra={"TOPIC": name})
         body = refusal.payload(time.time(), self.config.device_name)
-        if refusal.topic:
-            self.outbox.send(topic_path(self.config.bike_id, refusal.topic, "status"), body,
+        spec = TOPICS.get(refusal.topic or "")
+        if spec is not None and spec.kind in ("actuator", "virtual"):
+            # Only a topic that takes commands has refusals on its status topic: a
+            # sensor's carries its health, an unknown name is nobody's.
+            self.outbox.send(topic_path(self.config.bike_id, spec.name, "status"), body,
                              "refusals")
         for reply in replies:
             self._answer(reply, body)
@@ -489,6 +493,16 @@ class Service:
                 "metadata": {"deviceName": self.config.device_name}}
 
     def _housekeeping(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._housekeep()
+            except Exception:
+                # Health, the flood guard's counts and the state refresh must not end
+                # with one bad pass.
+                log.exception("housekeeping failed")
+                self._stopping.wait(FLUSH_INTERVAL)
+
+    def _housekeep(self) -> None:
         guard = logs.flood_guard(logging.getLogger().handlers[0]) if (
             logging.getLogger().handlers) else None
         last = -HEALTH_MAX_INTERVAL

@@ -146,7 +146,10 @@ def _parse_json(text: str, columns: tuple[str, ...]) -> dict[str, float] | None:
         # and JSON true is not the number 1.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of 310+ digits
+            return None
         if not math.isfinite(number):
             return None
         values[key.strip().lower()] = number
