@@ -38,6 +38,7 @@ class Relay:
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         self._swallowed: set[socket.socket] = set()  # connections whose bytes vanish
+        self._refusing = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -46,6 +47,9 @@ class Relay:
                 near, _ = self.listener.accept()
             except OSError:
                 return
+            if self._refusing:
+                near.close()  # the line is down: every connect attempt fails
+                continue
             try:
                 far = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -87,8 +91,13 @@ class Relay:
             except OSError:
                 pass
 
-    def close(self) -> None:
+    def down(self) -> None:
+        """Cut the line and keep it down: new connections are closed at once."""
+        self._refusing = True
         self.cut()
+
+    def close(self) -> None:
+        self.down()
         self.listener.close()
 
 
@@ -208,9 +217,7 @@ def test_a_command_held_by_a_reload_does_not_move_a_motor_the_outage_made_safe(
         wait_until(lambda: service.bike._deferred, 10, "the fan command to be held")
 
         # The broker goes away for longer than offline_safe_after: the fan goes safe.
-        relay.swallow()
-        relay.cut()
-        relay.listener.close()  # and stays away
+        relay.down()
         wait_until(lambda: fan.state == 0, 10, "the fan to be made safe")
         written = len(fan.writes)
 
