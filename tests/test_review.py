@@ -272,3 +272,22 @@ def test_flood_guard_summaries_are_not_themselves_suppressed():
                 f"no summary for {template!r}: {summaries}")
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_command_to_a_sensor_cannot_forge_that_sensors_health(broker, probe, run_daemon):
+    """README: a sensor's ``status`` topic says when it is lost (``"ok": false``) and
+    when it is back. Any app allowed to publish one message makes the daemon say
+    ``"ok": false`` there too, for a sensor that is fine: a refusal needs an actuator."""
+    from tests.test_daemon import FAN
+    from tests.test_hostile import barrier
+
+    run_daemon(bike_config(broker, FAN))
+    probe.wait_for("bike/000001/status", lambda m: m.payload == b"online")
+    mark = len(probe.messages)
+    send(broker, "bike/000001/heartrate/control", b"1")
+    send(broker, "bike/000001/anything-at-all/control", b"1")
+    barrier(broker, probe, 30.0)
+    forged = [(m.topic, json.loads(m.payload)) for m in probe.messages[mark:]
+              if m.topic in ("bike/000001/heartrate/status",
+                             "bike/000001/anything-at-all/status")]
+    assert forged == [], f"an app made the daemon publish {forged}"
