@@ -326,9 +326,11 @@ def test_each_legacy_shape_moves_the_right_actuator(broker, probe, whole_bike, m
 def test_each_bad_command_is_refused_and_moves_nothing(broker, probe, whole_bike, motors,
                                                        topic, payload, reason):
     mark = len(probe.messages)
-    send(broker, f"bike/000001/{topic}/control", payload)
-    refusal = probe.json(f"bike/000001/{topic}/status", after=mark)
-    assert refusal["ok"] is False and reason in refusal["error"]
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = "bike/000001/reply/bad"
+    send(broker, f"bike/000001/{topic}/control", payload, properties=props)
+    answer = probe.json("bike/000001/reply/bad", after=mark)
+    assert answer["ok"] is False and reason in answer["error"]
     # A good command sent afterwards is the next thing the motor board sees.
     send(broker, "bike/000001/resistance/control", b"33")
     assert motors.next_line() == "R33"
@@ -336,6 +338,13 @@ def test_each_bad_command_is_refused_and_moves_nothing(broker, probe, whole_bike
     moved = [json.loads(m.payload)["value"] for m in probe.messages[mark:]
              if m.topic == f"bike/000001/{topic}/report"]
     assert set(moved) <= {33.0}, moved  # only the follow-up command moved anything
+    status = [json.loads(m.payload) for m in probe.messages[mark:]
+              if m.topic == f"bike/000001/{topic}/status"]
+    if topic in ("incline", "resistance"):
+        assert [s["error"] for s in status] == [answer["error"]]
+    else:
+        # A sensor's status topic carries its health; an unknown name is nobody's.
+        assert status == []
 
 
 def test_stops_promptly_when_the_broker_never_answers(run_daemon):
