@@ -592,7 +592,10 @@ class Bike:
     def _heartbeat(self, watch: _Watch) -> None:
         value = watch.driver.read()
         if value is None:
-            self._set_state(watch.driver.topic, STALE, watch.driver.stale_reason())
+            stale_after = watch.driver.stale_after
+            # Quiet since it opened, but not yet for stale_after: nothing to say yet.
+            if stale_after is None or self.clock() - watch.fresh_at >= stale_after:
+                self._set_state(watch.driver.topic, STALE, watch.driver.stale_reason())
             return
         self._set_state(watch.driver.topic, RUNNING)
         self._report(watch, value)
