@@ -178,3 +178,202 @@ def test_ranges_follow_the_limits():
     assert low == pytest.approx(math.tan(math.radians(-10)) * 100, abs=0.1)
     assert high == pytest.approx(math.tan(math.radians(19)) * 100, abs=0.1)
     assert cp.level_of(50.0) == 10.0
+
+
+# -- the peripheral on bumble's virtual link ------------------------------------------------
+#
+# Two bumble devices, each on an emulated controller attached to one LocalLink: a real
+# host stack on both sides (advertising, scanning, GATT, CCCDs, indications), no adapter.
+
+import asyncio  # noqa: E402
+
+from bumble import att  # noqa: E402
+from bumble.controller import Controller  # noqa: E402
+from bumble.core import UUID, AdvertisingData  # noqa: E402
+from bumble.device import Device, Peer  # noqa: E402
+from bumble.hci import Address  # noqa: E402
+from bumble.host import Host  # noqa: E402
+from bumble.link import LocalLink  # noqa: E402
+from bumble.transport.common import AsyncPipeSink  # noqa: E402
+
+from smartbiked.ble.bumble_backend import BumbleTrainer, advertising_data  # noqa: E402
+from smartbiked.ble.peripheral import BikeState  # noqa: E402
+
+STEP = 5.0  # seconds any one exchange on the virtual link may take, at most
+
+
+def _device(link, address):
+    controller = Controller(address, link=link, public_address=address)
+    return Device(address=Address(address), host=Host(controller, AsyncPipeSink(controller)))
+
+
+class Central:
+    """A training app's side: scan, connect, subscribe, write the control point."""
+
+    def __init__(self, device):
+        self.device = device
+        self.received: dict[int, asyncio.Queue] = {}
+
+    async def find(self, name):
+        found = asyncio.get_running_loop().create_future()
+
+        def on_advertisement(adv):
+            data = adv.data
+            services = data.get(AdvertisingData.SERVICE_DATA_16_BIT_UUID)
+            names = [n for n in (data.get(AdvertisingData.COMPLETE_LOCAL_NAME),
+                                 data.get(AdvertisingData.SHORTENED_LOCAL_NAME)) if n]
+            if (services and services[0] == UUID.from_16_bits(ftms.FTMS_SERVICE)
+                    and name.startswith(names[0] if names else "\0") and not found.done()):
+                found.set_result((adv.address, services[1]))
+
+        self.device.on("advertisement", on_advertisement)
+        await self.device.start_scanning()
+        try:
+            return await asyncio.wait_for(found, STEP)
+        finally:
+            await self.device.stop_scanning()
+
+    async def connect(self, address):
+        connection = await asyncio.wait_for(self.device.connect(address), STEP)
+        self.peer = Peer(connection)
+        await asyncio.wait_for(self.peer.discover_services(), STEP)
+        await asyncio.wait_for(self.peer.discover_characteristics(), STEP)
+        return connection
+
+    def char(self, uuid16):
+        (proxy,) = self.peer.get_characteristics_by_uuid(UUID.from_16_bits(uuid16))
+        return proxy
+
+    async def subscribe(self, uuid16, indicate=False):
+        queue = self.received.setdefault(uuid16, asyncio.Queue())
+        await asyncio.wait_for(self.char(uuid16).subscribe(
+            lambda value: queue.put_nowait(bytes(value)), prefer_notify=not indicate), STEP)
+
+    async def next(self, uuid16, where=lambda value: True):
+        while True:
+            value = await asyncio.wait_for(self.received[uuid16].get(), STEP)
+            if where(value):
+                return value
+
+    async def command(self, hex_bytes):
+        """Write a request; return the control point's indication (op, result)."""
+        await asyncio.wait_for(
+            self.char(ftms.CONTROL_POINT).write_value(bytes.fromhex(hex_bytes),
+                                                      with_response=True), STEP)
+        return ftms.decode_response(await self.next(ftms.CONTROL_POINT))
+
+
+async def _bike(link, path, name="Smartbike b1"):
+    control = ControlPoint(path, LIMITS)
+    state = BikeState(control.level_of)
+    trainer = BumbleTrainer(_device(link, "F0:F0:F0:F0:F0:F0"), control, state, name=name,
+                            advertising_interval=20.0)
+    await trainer.start()
+    return trainer
+
+
+def run(coro):
+    asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_advertising_data_fits_and_names_the_bike():
+    advert, response = advertising_data("A rather long bike name for a tiny advert")
+    assert len(advert) <= 31 and len(response) <= 31
+    data = AdvertisingData.from_bytes(advert)
+    assert data.get(AdvertisingData.SERVICE_DATA_16_BIT_UUID)[1] == ftms.ftms_service_data()
+    assert data.get(AdvertisingData.COMPLETE_LOCAL_NAME) is None
+    assert "A rather long bike name".startswith(
+        data.get(AdvertisingData.SHORTENED_LOCAL_NAME)[:10])
+
+
+def test_an_app_finds_rides_and_controls_the_bike_over_the_virtual_link():
+    async def scenario():
+        link = LocalLink()
+        path = MqttPath()
+        trainer = await _bike(link, path)
+        app = Central(_device(link, "F1:F1:F1:F1:F1:F1"))
+        await app.device.power_on()
+
+        address, service_data = await app.find("Smartbike b1")
+        assert service_data == ftms.ftms_service_data()
+        await app.connect(address)
+        features = ftms.decode_feature(await app.char(ftms.FITNESS_MACHINE_FEATURE).read_value())
+        assert features == trainer.control.features()
+        assert ftms.decode_range(await app.char(ftms.SUPPORTED_POWER_RANGE).read_value(),
+                                 1) == (0, 2000, 1)
+        for uuid16 in (ftms.INDOOR_BIKE_DATA, ftms.CP_MEASUREMENT, ftms.HR_MEASUREMENT,
+                       ftms.MACHINE_STATUS):
+            await app.subscribe(uuid16)
+
+        # Readings in, notifications out.
+        state = trainer.state
+        for topic, value in (("speed", 8.0), ("cadence", 90.0), ("power", 210.0),
+                             ("heartrate", 131.0), ("resistance", 50.0)):
+            state.reading(topic, value)
+        state.crank_event(3, at=2.0)
+        await trainer.notify()
+        data = ftms.decode_indoor_bike_data(await app.next(ftms.INDOOR_BIKE_DATA))
+        assert data == ftms.IndoorBikeData(speed=28.8, cadence=90.0, resistance=10.0,
+                                           power=210.0, heart_rate=131.0)
+        power = ftms.decode_cycling_power(await app.next(ftms.CP_MEASUREMENT))
+        assert (power.power, power.crank_revs, power.crank_time) == (210.0, 3, 2048)
+        assert ftms.decode_heart_rate(await app.next(ftms.HR_MEASUREMENT)).bpm == 131
+
+        # A write before indications are enabled: CCCD improperly configured.
+        with pytest.raises(att.ATT_Error) as refused:
+            await app.char(ftms.CONTROL_POINT).write_value(b"\x00", with_response=True)
+        assert refused.value.error_code == 0xFD
+        await app.subscribe(ftms.CONTROL_POINT, indicate=True)
+
+        assert await app.command("05fa00") == (0x05, ftms.CONTROL_NOT_PERMITTED)
+        assert await app.command("00") == (0x00, ftms.SUCCESS)
+        assert trainer.control.controller is not None
+        assert await app.command("05fa00") == (0x05, ftms.SUCCESS)
+        assert await app.next(ftms.MACHINE_STATUS) == bytes.fromhex("08fa00")
+        assert await app.command("041e") == (0x04, ftms.SUCCESS)  # 1-byte form: level 3.0
+        assert await app.command("046900") == (0x04, ftms.SUCCESS)  # 2-byte form: 10.5
+        assert await app.command("110000f4012833") == (0x11, ftms.SUCCESS)
+        assert await app.command("13") == (0x13, ftms.OP_NOT_SUPPORTED)
+        assert await app.command("05fa") == (0x05, ftms.INVALID_PARAMETER)
+        assert path.commands == [
+            Command("targetpower", 250.0), Command("resistance", 15.0),
+            Command("resistance", 52.5),
+            Command("grade", 5.0, (("crr", 0.004), ("cw", 0.51), ("wind", 0.0)))]
+
+        # An MQTT app takes over: the Bluetooth app is told it lost control.
+        trainer.control_lost("resistance commanded over MQTT")
+        assert await app.next(ftms.MACHINE_STATUS, lambda v: v[:1] == b"\xff") == b"\xff"
+        assert await app.command("05fa00") == (0x05, ftms.CONTROL_NOT_PERMITTED)
+
+    run(scenario())
+
+
+def test_a_second_app_waits_until_the_controller_disconnects():
+    async def scenario():
+        link = LocalLink()
+        path = MqttPath()
+        trainer = await _bike(link, path)
+        first = Central(_device(link, "F1:F1:F1:F1:F1:F1"))
+        second = Central(_device(link, "F2:F2:F2:F2:F2:F2"))
+        for app in (first, second):
+            await app.device.power_on()
+        first_link = await first.connect((await first.find("Smartbike b1"))[0])
+        await first.subscribe(ftms.CONTROL_POINT, indicate=True)
+        assert await first.command("00") == (0x00, ftms.SUCCESS)
+        first_id = trainer.control.controller
+        # Advertising restarts after a connection, so a second app finds the bike too.
+        await second.connect((await second.find("Smartbike b1"))[0])
+        await second.subscribe(ftms.CONTROL_POINT, indicate=True)
+        await second.subscribe(ftms.MACHINE_STATUS)
+        assert await second.command("00") == (0x00, ftms.CONTROL_NOT_PERMITTED)
+        assert await second.command("05c800") == (0x05, ftms.CONTROL_NOT_PERMITTED)
+
+        await first_link.disconnect()
+        # Control Permission Lost goes out when the controller's link is gone.
+        assert await second.next(ftms.MACHINE_STATUS) == b"\xff"
+        assert await second.command("00") == (0x00, ftms.SUCCESS)
+        assert await second.command("05c800") == (0x05, ftms.SUCCESS)
+        assert path.commands == [Command("targetpower", 200.0)]
+        assert trainer.control.controller not in (None, first_id)
+
+    run(scenario())
