@@ -3,12 +3,23 @@ virtual link, the whole peripheral seen by a central as a training app sees it."
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
+from bumble import att
+from bumble.controller import Controller
+from bumble.core import UUID, AdvertisingData
+from bumble.device import Device, Peer
+from bumble.hci import Address
+from bumble.host import Host
+from bumble.link import LocalLink
+from bumble.transport.common import AsyncPipeSink
 
 from smartbiked import ftms
+from smartbiked.ble.bumble_backend import BumbleTrainer, advertising_data
 from smartbiked.ble.control import ControlPoint
+from smartbiked.ble.peripheral import BikeState
 from smartbiked.topics import Command, Limits, Refusal, parse_command, topic_path
 
 LIMITS = {
@@ -184,20 +195,6 @@ def test_ranges_follow_the_limits():
 #
 # Two bumble devices, each on an emulated controller attached to one LocalLink: a real
 # host stack on both sides (advertising, scanning, GATT, CCCDs, indications), no adapter.
-
-import asyncio  # noqa: E402
-
-from bumble import att  # noqa: E402
-from bumble.controller import Controller  # noqa: E402
-from bumble.core import UUID, AdvertisingData  # noqa: E402
-from bumble.device import Device, Peer  # noqa: E402
-from bumble.hci import Address  # noqa: E402
-from bumble.host import Host  # noqa: E402
-from bumble.link import LocalLink  # noqa: E402
-from bumble.transport.common import AsyncPipeSink  # noqa: E402
-
-from smartbiked.ble.bumble_backend import BumbleTrainer, advertising_data  # noqa: E402
-from smartbiked.ble.peripheral import BikeState  # noqa: E402
 
 STEP = 5.0  # seconds any one exchange on the virtual link may take, at most
 
@@ -377,3 +374,43 @@ def test_a_second_app_waits_until_the_controller_disconnects():
         assert trainer.control.controller not in (None, first_id)
 
     run(scenario())
+
+
+# -- what the bike shows (pure) --------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_stale_readings_are_left_out_not_repeated():
+    clock = FakeClock()
+    state = BikeState(lambda percent: percent / 5, stale_after=5.0, clock=clock)
+    state.reading("power", 180.0)
+    state.reading("heartrate", 120.0)
+    state.reading("resistance", 40.0)
+    state.reading("cadence", float("nan"))
+    assert ftms.decode_indoor_bike_data(state.indoor_bike_data()) == ftms.IndoorBikeData(
+        resistance=8.0, power=180.0, heart_rate=120.0)
+    clock.now += 5.5  # the sensors went quiet: no stuck values
+    assert ftms.decode_indoor_bike_data(state.indoor_bike_data()) == ftms.IndoorBikeData(
+        resistance=8.0)
+    assert state.cycling_power() is None
+    assert state.heart_rate() is None
+
+
+def test_revolution_counters_accumulate_and_wrap():
+    clock = FakeClock()
+    state = BikeState(lambda percent: percent, clock=clock)
+    state.reading("power", 150.0)
+    assert ftms.decode_cycling_power(state.cycling_power()) == ftms.CyclingPower(150.0)
+    state.crank_event(65535, at=63.0)
+    state.crank_event(2, at=64.5)  # counts and times wrap as CPS says they do
+    state.wheel_event(10, at=1.0)
+    m = ftms.decode_cycling_power(state.cycling_power())
+    assert (m.crank_revs, m.crank_time) == (1, int(64.5 * 1024) & 0xFFFF)
+    assert (m.wheel_revs, m.wheel_time) == (10, 2048)
