@@ -7,6 +7,8 @@ speaking to a bike exactly as the VR game or the mobile app would::
     smartbike watch --all            # every bike on the broker, one line each
     smartbike set incline 5.5        # prints "incline: 5.5 degree", or the refusal
     smartbike press LEFT             # a virtual button (smartbiked --simulate only)
+    smartbike record ride.csv        # the bike's reports to a CSV file, until Ctrl-C
+    smartbike replay ride.csv        # a simulated bike's sensors ride that file again
 
 The broker and the bike id come from the daemon's config file (``--config``,
 default /etc/smartbiked/smartbike.toml, with the same ``MQTT_*``/``DEVICE_ID``
@@ -29,6 +31,7 @@ broker, or bad usage.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import logging
@@ -58,7 +61,13 @@ from smartbiked import __version__
 from smartbiked import config as configuration
 from smartbiked.errors import ConfigError
 from smartbiked.mqtt_client import MQTTClient
-from smartbiked.simulator import press_topic, state_topic
+from smartbiked.simulator import (
+    MAX_RIDE_HOLD,
+    RIDE_TOPICS,
+    press_topic,
+    ride_topic,
+    state_topic,
+)
 from smartbiked.topics import TOPICS, availability_topic, topic_path
 
 #: Exit statuses.
@@ -500,6 +509,186 @@ def cmd_press(args: argparse.Namespace, target: Target) -> int:
                       "(press works with smartbiked --simulate only)")
     raise Failure(f"the virtual hand pressed {clean(name, 20)}, but bike {target.bike_id} "
                   f"reported no press within {args.timeout:g} s")
+
+
+# --------------------------------------------------------------------------- record, replay
+
+#: The columns of a recorded ride, in order.
+RIDE_COLUMNS = ("time", "topic", "value", "unit")
+#: How long past its next recorded value a replayed value holds (the next one replaces
+#: it): a late message must not let the rider model show through between two values.
+HOLD_MARGIN = 1.0
+
+
+def ride_row(msg: MQTTMessage) -> tuple[float, str, float, str] | None:
+    """(time, topic, value, unit) of a report worth recording; None for anything else.
+
+    Values come with their report's own timestamp; a button event is topic
+    ``button/NAME`` with value 1 (pressed) or 0 (released).
+    """
+    levels = msg.topic.split("/")
+    if len(levels) != 4 or levels[0] != "bike" or levels[3] != "report":
+        return None
+    body = _json(msg)
+    if not isinstance(body, dict):
+        return None
+    when = number(body.get("timestamp"))
+    if when is None:
+        return None
+    topic = levels[2]
+    if topic == "button":
+        name, state = body.get("button"), body.get("state")
+        if (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name)
+                or state not in (0, 1) or isinstance(state, bool)):
+            return None
+        return when, f"button/{name}", float(state), ""
+    value = number(body.get("value"))
+    if topic not in TOPICS or value is None:
+        return None  # mode reports, unknown topics, malformed values
+    return when, topic, value, _unit(topic)
+
+
+def cmd_record(args: argparse.Namespace, target: Target) -> int:
+    """Write the bike's reports to a CSV file until Ctrl-C (or ``--duration``)."""
+    path = Path(args.file)
+    try:
+        out = path.open("w" if args.force else "x", newline="", encoding="utf-8")
+    except FileExistsError:
+        raise Failure(f"{args.file} exists; use --force to overwrite it") from None
+    except OSError as exc:
+        raise Failure(f"cannot write {args.file}: {exc.strerror}") from None
+    session = Session(target)
+    session.subscribe(f"bike/{target.bike_id}/+/report")
+    rows = 0
+    with out:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(RIDE_COLUMNS)
+        out.flush()
+        try:
+            session.open(args.timeout)
+            print(f"recording bike {target.bike_id} from {target.host}:{target.port} to "
+                  f"{args.file}" + ("" if args.duration else " (Ctrl-C stops)"),
+                  file=sys.stderr)
+            end = time.monotonic() + args.duration if args.duration else math.inf
+            while time.monotonic() < end:
+                msg = session.next(min(end, time.monotonic() + 1.0))
+                row = ride_row(msg) if msg is not None else None
+                if row is None:
+                    continue
+                when, topic, value, unit = row
+                writer.writerow((f"{when:.3f}", topic, f"{value:g}", unit))
+                out.flush()  # a killed recorder leaves every row it saw
+                rows += 1
+        except KeyboardInterrupt:
+            pass
+        finally:
+            session.close()
+    print(f"{rows} values recorded in {args.file}", file=sys.stderr)
+    return OK
+
+
+@dataclass(frozen=True)
+class RideStep:
+    """One message of a replay: at ``at`` s from the start, publish ``payload`` there."""
+
+    at: float
+    topic: str  # "ride" or "press"
+    payload: dict[str, Any]
+
+
+def load_ride(path: str) -> list[RideStep]:
+    """The replay of a recorded ride: sensor values and button presses, in time order.
+
+    Raises Failure naming the file and line of the first problem; actuator values are
+    skipped (the app under test moves those), as are rows of other topics.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            lines = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise Failure(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not lines or [c.strip().lower() for c in lines[0][:3]] != list(RIDE_COLUMNS[:3]):
+        raise Failure(f"{path}: line 1 must be the header {','.join(RIDE_COLUMNS)} "
+                      "(as smartbike record writes it)")
+    rows: list[tuple[float, str, float]] = []
+    for number_, line in enumerate(lines[1:], 2):
+        if not line:
+            continue
+        if len(line) < 3:
+            raise Failure(f"{path}: line {number_}: expected time,topic,value")
+        try:
+            when, value = float(line[0]), float(line[2])
+        except ValueError:
+            raise Failure(f"{path}: line {number_}: time and value must be numbers") from None
+        if not (math.isfinite(when) and math.isfinite(value)):
+            raise Failure(f"{path}: line {number_}: time and value must be finite")
+        rows.append((when, line[1].strip(), value))
+    rows.sort(key=lambda r: r[0])  # stable: rows of one instant keep their order
+    wanted = [r for r in rows if r[1] in RIDE_TOPICS or r[1].startswith("button/")]
+    if not wanted:
+        raise Failure(f"{path}: no {', '.join(RIDE_TOPICS)} or button rows to replay")
+    start = wanted[0][0]
+    steps: list[RideStep] = []
+    for i, (when, topic, value) in enumerate(wanted):
+        if topic.startswith("button/"):
+            if value != 1:
+                continue  # the press below holds until its release
+            name = topic.split("/", 1)[1]
+            release = next((w for w, t, v in wanted[i + 1:] if t == topic and v == 0), None)
+            hold = min(10.0, release - when) if release is not None else 0.2
+            steps.append(RideStep(when - start, "press", {"button": name, "hold": hold}))
+            continue
+        if not 0 <= value <= 10_000:
+            raise Failure(f"{path}: {topic} value {value:g} is out of range (0 to 10000)")
+        following = next((w for w, t, _ in wanted[i + 1:] if t == topic), None)
+        hold = (following - when if following is not None else 1.0) + HOLD_MARGIN
+        steps.append(RideStep(when - start, "ride",
+                              {topic: value, "hold": round(min(hold, MAX_RIDE_HOLD), 3)}))
+    return steps
+
+
+def cmd_replay(args: argparse.Namespace, target: Target) -> int:
+    """Drive a simulated bike's sensors with a recorded ride, at the recorded pace."""
+    steps = load_ride(args.file)  # all checked before anything is sent
+    reply_topic, correlation = reply_address(target)
+    session = Session(target)
+    session.subscribe(reply_topic)
+    try:
+        session.open(args.timeout)
+        # The first step as a request: only a simulated bike (with replay) answers it.
+        first = next((s for s in steps if s.topic == "ride"), None)
+        probe_payload = first.payload if first else {"hold": 0.1, "power": 0}
+        session.request(ride_topic(target.bike_id), probe_payload, reply_topic, correlation)
+        deadline = time.monotonic() + args.timeout
+        while True:
+            msg = session.next(deadline)
+            if msg is None:
+                raise Failure(f"no simulated bike {target.bike_id} answered within "
+                              f"{args.timeout:g} s (replay works with smartbiked --simulate "
+                              "only)")
+            if msg.topic == reply_topic and _correlation(msg) == correlation:
+                body = _json(msg)
+                if isinstance(body, dict) and body.get("ok") is True:
+                    break
+                reason = body.get("error") if isinstance(body, dict) else body
+                print(f"replay refused: {_text(reason, 70)}", file=sys.stderr)
+                return REFUSED
+        length = steps[-1].at
+        print(f"replaying {len(steps)} values ({length:.0f} s) of {args.file} on bike "
+              f"{target.bike_id}", file=sys.stderr)
+        start = time.monotonic() - (first.at if first else 0.0)
+        for step in steps:
+            if step is first:
+                continue
+            # Waits on the inbox (nothing else arrives there): it returns at the deadline.
+            while (left := start + step.at - time.monotonic()) > 0:
+                session.next(time.monotonic() + left)
+            topic = (ride_topic if step.topic == "ride" else press_topic)(target.bike_id)
+            session.publish(topic, step.payload)
+    finally:
+        session.close()
+    print("replay done", file=sys.stderr)
+    return OK
 
 
 # --------------------------------------------------------------------------- what a bike says
@@ -1039,7 +1228,16 @@ def parser() -> argparse.ArgumentParser:
     press = subs.add_parser("press", help="press a button of a simulated bike")
     press.add_argument("button", help="button name from the config, e.g. LEFT")
     press.add_argument("--hold", type=float, default=0.2, help="seconds held (default 0.2)")
-    for sub in (watch, set_, press):
+    record = subs.add_parser("record", help="write the bike's reports to a CSV file "
+                             "(columns time,topic,value,unit) until Ctrl-C")
+    record.add_argument("file", help="the CSV file to write, e.g. ride.csv")
+    record.add_argument("--duration", type=_positive, default=None,
+                        help="stop after this many seconds")
+    record.add_argument("--force", action="store_true", help="overwrite an existing file")
+    replay = subs.add_parser("replay", help="have a simulated bike's sensors ride a recorded "
+                             "CSV file again, at its pace")
+    replay.add_argument("file", help="a CSV file written by smartbike record")
+    for sub in (watch, set_, press, record, replay):
         _connection_options(sub, sub=True)
     return p
 
@@ -1056,7 +1254,7 @@ def _command(args: argparse.Namespace) -> str:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Target], int]] = {
-    "set": cmd_set, "press": cmd_press,
+    "set": cmd_set, "press": cmd_press, "record": cmd_record, "replay": cmd_replay,
 }
 
 

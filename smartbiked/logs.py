@@ -124,11 +124,13 @@ def setup(bike_id: str = "", level: int = logging.INFO, use_journal: bool | None
     if use_journal is None:
         use_journal = stderr_is_journal()
     handler: logging.Handler | None = None
+    missing_journal = False
     if use_journal:
         try:
             handler = journal_handler(journal_sender)
         except ImportError:
-            handler = None
+            # systemd-python is an extra: stderr still reaches the journal, as plain lines.
+            missing_journal = True
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         # journald adds its own timestamps; a terminal wants them.
@@ -142,6 +144,10 @@ def setup(bike_id: str = "", level: int = logging.INFO, use_journal: bool | None
     root.setLevel(level)
     # paho logs through its own logger only when asked; keep third-party chatter down.
     logging.getLogger("gpiozero").setLevel(logging.WARNING)
+    if missing_journal:
+        logging.getLogger("smartbiked.logs").warning(
+            "stderr is the journal, but the Python module systemd is missing: logging plain "
+            "lines without journal fields (install python3-systemd, or smartbiked[systemd])")
     return handler
 
 

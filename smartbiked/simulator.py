@@ -10,8 +10,11 @@ drivers, the service and its MQTT connection cannot tell. The virtual world is:
   ``pulses_per_revolution``, ``circumference`` and ``pull_up``; it reads back the
   duty of ``gpio_pwm``/``gpio_servo`` outputs and the state of ``gpio_relay``
   outputs (a PWM resistance loads the rider; the fan only shows in the state).
-- A :class:`~smartbiked.fakeboard.FakeBoard` on a pseudo-terminal for every
-  ``[serial.NAME]`` table: whatever ``url`` the table names opens that board.
+- A :class:`~smartbiked.fakeboard.FakeBoard` for every ``[serial.NAME]`` table:
+  whatever ``url`` the table names opens that board. It is a pseudo-terminal where
+  there are ptys (Linux, macOS) and an in-process port (pyserial URL
+  ``fakeboard://``) where there are none (Windows); :data:`SERIAL_ENV`
+  (``pty`` or ``inprocess``) chooses.
   Boards feeding ``serial_sensor`` drivers print the rider's values in the
   board's ``format`` (``scale``/``offset`` reversed, so the daemon reports the
   model's value); boards taking ``serial_actuator`` commands decode each line
@@ -28,6 +31,12 @@ drivers, the service and its MQTT connection cannot tell. The virtual world is:
   every output pin's state (the fan's PWM duty, for instance), for tests,
   ``smartbike watch`` (which marks the bike as simulated) and the curious.
 
+- A recorded ride (``smartbike replay``): a message on ``smartbike-sim/{bike}/ride``
+  such as ``{"power": 182, "cadence": 87.5, "hold": 1.0}`` makes the sensors show
+  those values (any of speed, cadence, power, heartrate) for ``hold`` seconds, or
+  until the next message names the topic again; then the rider model takes over
+  again, from the replayed speed.
+
 Given a seed, the rider is repeatable: the model is stepped in fixed ticks of
 simulated time, so only the moments at which commands arrive vary between runs.
 A SIGHUP reload keeps working, but boards or pins added to the file meanwhile are
@@ -41,6 +50,7 @@ import functools
 import json
 import logging
 import math
+import os
 import queue
 import random
 import re
@@ -62,7 +72,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from smartbiked.config import Config
-from smartbiked.fakeboard import FakeBoard
+from smartbiked.fakeboard import FakeBoard, have_ptys
 from smartbiked.hardware import Hardware
 from smartbiked.hardware.base import device_identity
 from smartbiked.mqtt_client import MQTTClient
@@ -79,6 +89,11 @@ MAX_CATCH_UP = 5.0
 STATE_PERIOD = 1.0
 #: How long a press holds a button down unless the request says otherwise.
 DEFAULT_HOLD = 0.2
+#: Environment variable choosing the fake boards' kind: "pty" or "inprocess".
+SERIAL_ENV = "SMARTBIKED_SIM_SERIAL"
+#: What a ride message may set, and the longest it may hold a value.
+RIDE_TOPICS = ("speed", "cadence", "power", "heartrate")
+MAX_RIDE_HOLD = 60.0
 
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -92,6 +107,54 @@ def press_topic(bike_id: str) -> str:
 def state_topic(bike_id: str) -> str:
     """Where the virtual world publishes its state once a second."""
     return f"smartbike-sim/{bike_id}/state"
+
+
+def ride_topic(bike_id: str) -> str:
+    """Where a replayed ride tells the virtual sensors what to show."""
+    return f"smartbike-sim/{bike_id}/ride"
+
+
+def serial_kind(environ: Mapping[str, str] | None = None) -> str:
+    """"pty" or "inprocess": :data:`SERIAL_ENV` if set, else pty wherever ptys exist."""
+    env = os.environ if environ is None else environ
+    wanted = env.get(SERIAL_ENV, "").strip().lower()
+    if wanted in ("pty", "inprocess"):
+        if wanted == "pty" and not have_ptys():
+            log.warning("%s=pty, but this system has no pseudo-terminals: using in-process "
+                        "ports", SERIAL_ENV)
+            return "inprocess"
+        return wanted
+    if wanted:
+        log.warning("%s=%.20r is neither pty nor inprocess; ignored", SERIAL_ENV, wanted)
+    return "pty" if have_ptys() else "inprocess"
+
+
+def parse_ride(payload: bytes | bytearray) -> tuple[dict[str, float], float]:
+    """A ride message's values by topic and its hold (s); ValueError saying why not."""
+    try:
+        body = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("not a JSON object")
+    hold = body.get("hold", STATE_PERIOD * 2)
+    if (isinstance(hold, bool) or not isinstance(hold, int | float) or not math.isfinite(hold)
+            or not 0 < hold <= MAX_RIDE_HOLD):
+        raise ValueError(f"hold must be a number of seconds above 0, at most {MAX_RIDE_HOLD:g}")
+    values: dict[str, float] = {}
+    for key, value in body.items():
+        if key == "hold":
+            continue
+        if key not in RIDE_TOPICS:
+            raise ValueError(f"unknown key {str(key)[:20]!r} (known: {', '.join(RIDE_TOPICS)}, "
+                             "hold)")
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or not 0 <= value <= 10_000):
+            raise ValueError(f"{key}: not a number from 0 to 10000")
+        values[key] = float(value)
+    if not values:
+        raise ValueError(f"no value (give any of {', '.join(RIDE_TOPICS)})")
+    return values, float(hold)
 
 
 def _num(x: float) -> str:
@@ -263,8 +326,13 @@ class VirtualBike:
     Use as a context manager; :attr:`hardware` is what the service is given.
     """
 
-    def __init__(self, config: Config, seed: int | None = None) -> None:
+    def __init__(self, config: Config, seed: int | None = None,
+                 serial_ports: str | None = None) -> None:
+        """``serial_ports``: "pty" or "inprocess"; None decides by :func:`serial_kind`."""
         self.config = config
+        self.serial_ports = serial_ports or serial_kind()
+        if self.serial_ports not in ("pty", "inprocess"):
+            raise ValueError(f"serial_ports must be pty or inprocess, not {serial_ports!r}")
         #: The rider's seed; drawn at random (and logged) when none is given.
         self.seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
         self.rider = Rider(self.seed)
@@ -283,6 +351,8 @@ class VirtualBike:
         self._outputs_seen: dict[str, float] = {}
         self._bad_pins: set[str] = set()
         self._hand: _Hand | None = None
+        # A replayed ride: topic -> (value, monotonic time until which it holds).
+        self._ride: dict[str, tuple[float, float]] = {}
         self._plan(config)
 
     def _plan(self, config: Config) -> None:
@@ -350,23 +420,27 @@ class VirtualBike:
                 continue
             # A mock pin keeps every change it ever saw: bounded, a day-long demo stays small.
             pin.states = collections.deque(pin.states, maxlen=64)
-        self.directory = Path(tempfile.mkdtemp(prefix="smartbike-sim-"))
+        in_process = self.serial_ports == "inprocess"
+        if not in_process:
+            self.directory = Path(tempfile.mkdtemp(prefix="smartbike-sim-"))
         for name, settings in self.config.serial.items():
             link = re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "board"
             board = FakeBoard(self.directory, name=f"usb-Virtual_{link}-if00",
-                              responder=self._responder(self.decoders.get(name, [])))
+                              responder=self._responder(self.decoders.get(name, [])),
+                              in_process=in_process)
             self.boards[name] = board
             if settings["url"] in self._by_url:
                 log.warning("serial board %s: url %s is also another board's; both open the "
                             "first", name, settings["url"])
             self._by_url.setdefault(settings["url"], board)
-            log.info("virtual serial board %s: %s is %s", name, settings["url"], board.path)
+            log.info("virtual serial board %s: %s is %s", name, settings["url"], board.url)
         self._spawn("rider", self._run)
         for name, feed in self.feeds.items():
             self._spawn(f"feed-{name}", functools.partial(self._feed, feed))
         self._hand = _Hand(self)
         self._hand.setup_mqtt_client()
         self._hand.subscribe(press_topic(self.config.bike_id))
+        self._hand.subscribe(ride_topic(self.config.bike_id))
         self._hand.loop_start()
         log.info("virtual rider (seed %d) on %d pulse pin(s), %d button(s), %d board(s); "
                  "press a button: publish its name to %s", self.seed, len(self.pulses),
@@ -408,12 +482,17 @@ class VirtualBike:
         board = self._by_url.get(url)
         if board is None:
             raise serial.SerialException(f"no virtual board for {url} (added after the start?)")
-        return serial.serial_for_url(str(board.path), **kwargs)
+        return serial.serial_for_url(board.url, **kwargs)
 
     def _device_identity(self, url: str) -> Hashable | None:
         """What the fake board standing in for ``url`` looks like (None: unplugged)."""
         board = self._by_url.get(url)
-        return None if board is None else device_identity(str(board.path))
+        if board is None:
+            return None
+        if board.in_process:
+            # Each plug-in is a new cable: its identity, so a replug is noticed at once.
+            return (board.url, board.plugs) if board.plugged else None
+        return device_identity(board.url)
 
     # -- the world, for tests and the hand --------------------------------------------------
 
@@ -428,15 +507,40 @@ class VirtualBike:
             raise KeyError(f"no button {button!r} (buttons: {names})")
         self._presses.put((found, max(0.0, min(hold, 10.0))))
 
+    def ride(self, values: Mapping[str, float], hold: float) -> None:
+        """Show ``values`` (by sensor topic) on the sensors for ``hold`` seconds (a replay)."""
+        unknown = set(values) - set(RIDE_TOPICS)
+        if unknown:
+            raise ValueError(f"not a sensor the ride sets: {sorted(unknown)}")
+        until = time.monotonic() + hold
+        with self._lock:
+            for topic, value in values.items():
+                self._ride[topic] = (float(value), until)
+                if topic == "speed":
+                    self.rider.speed = float(value)  # the model goes on from there after
+
+    def _sensed(self, now: float) -> dict[str, float]:
+        """What the sensors show: the model's values, or a replayed ride's (caller locks)."""
+        s = self.rider.state()
+        values = {"power": s.power, "cadence": s.cadence, "speed": s.speed,
+                  "heartrate": s.heartrate}
+        for topic, (value, until) in list(self._ride.items()):
+            if now >= until:
+                del self._ride[topic]
+            else:
+                values[topic] = value
+        return values
+
     def world(self) -> dict[str, Any]:
         """The rider's values and every output pin's state, as published on the state topic."""
         with self._lock:
             s = self.rider.state()
+            sensed = self._sensed(time.monotonic())
+            replayed = sorted(self._ride)
         body: dict[str, Any] = {
-            "time": round(s.time, 3), "seed": self.seed, "power": s.power,
-            "cadence": s.cadence, "speed": s.speed, "heartrate": s.heartrate,
+            "time": round(s.time, 3), "seed": self.seed, **sensed,
             "incline": s.incline, "resistance": s.resistance, "fan": s.fan,
-            "buttons": list(self.buttons),
+            "buttons": list(self.buttons), "replayed": replayed,
         }
         pins: dict[str, Any] = {}
         for out in self.outputs:
@@ -472,7 +576,10 @@ class VirtualBike:
                 while simulated + TICK <= now - start:
                     self.rider.step(TICK)
                     simulated += TICK
-                speed, cadence = self.rider.speed, self.rider.cadence
+                sensed = self._sensed(now)
+                if "speed" in self._ride:
+                    self.rider.speed = sensed["speed"]  # a replayed speed is the wheel's
+                speed, cadence = sensed["speed"], sensed["cadence"]
             while True:
                 try:
                     button, hold = self._presses.get_nowait()
@@ -570,10 +677,10 @@ class VirtualBike:
         while not self._stop.wait(max(0.0, next_line - time.monotonic())):
             next_line += feed.period
             with self._lock:
-                s = self.rider.state()
+                s = self._sensed(time.monotonic())
             # At the resolution real sensors print: whole BPM and watts.
-            values = {"power": round(s.power), "cadence": round(s.cadence, 1),
-                      "speed": round(s.speed, 2), "heartrate": round(s.heartrate)}
+            values = {"power": round(s["power"]), "cadence": round(s["cadence"], 1),
+                      "speed": round(s["speed"], 2), "heartrate": round(s["heartrate"])}
             line = feed.line(values)
             if line is None:
                 continue
@@ -653,7 +760,17 @@ class _Hand(MQTTClient):
     def on_message(self, client: Any, userdata: Any, msg: MQTTMessage) -> None:
         super().on_message(client, userdata, msg)
         if msg.retain:
-            return  # a stale press must not fire at start
+            return  # a stale press or ride must not fire at start
+        if msg.topic == ride_topic(self.bike.config.bike_id):
+            try:
+                values, hold = parse_ride(msg.payload)
+                self.bike.ride(values, hold)
+                body: dict[str, Any] = {"ok": True, "values": values, "hold": hold}
+            except ValueError as exc:
+                body = {"ok": False, "error": str(exc)}
+                log.warning("virtual world: ride message refused: %s", exc)
+            self._answer(msg, body)
+            return
         try:
             text = msg.payload.decode("utf-8").strip()
             hold = DEFAULT_HOLD
@@ -662,13 +779,17 @@ class _Hand(MQTTClient):
                 text = str(request.get("button", ""))
                 hold = float(request.get("hold", DEFAULT_HOLD))
             self.bike.press(text, hold)
-            body: dict[str, Any] = {"ok": True, "button": text.upper()}
+            body = {"ok": True, "button": text.upper()}
         except KeyError as exc:
             body = {"ok": False, "error": exc.args[0]}
         except (ValueError, TypeError, AttributeError) as exc:
             body = {"ok": False, "error": f"not a press request: {exc}"}
         if not body["ok"]:
             log.warning("virtual hand: %s", body["error"])
+        self._answer(msg, body)
+
+    def _answer(self, msg: MQTTMessage, body: dict[str, Any]) -> None:
+        """Answer a request that carries an MQTT v5 ResponseTopic; others get nothing."""
         props = getattr(msg, "properties", None)
         reply_to = getattr(props, "ResponseTopic", None)
         if reply_to:
