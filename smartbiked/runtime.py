@@ -7,12 +7,18 @@ else ``$XDG_RUNTIME_DIR/smartbiked``, else the temporary directory: the daemon a
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import tempfile
 import time
 from pathlib import Path
+
+try:
+    import fcntl
+
+    _HAVE_FLOCK = True
+except ImportError:  # Windows: no flock(); the lock is not taken there (virtual bikes only)
+    _HAVE_FLOCK = False
 
 #: How long ``--reload`` waits for the daemon to confirm, seconds.
 RELOAD_TIMEOUT = 60.0
@@ -26,7 +32,8 @@ def directory() -> Path:
     elif os.environ.get("XDG_RUNTIME_DIR"):
         path = Path(os.environ["XDG_RUNTIME_DIR"]) / "smartbiked"
     else:
-        path = Path(tempfile.gettempdir()) / f"smartbiked-{os.getuid()}"
+        user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+        path = Path(tempfile.gettempdir()) / f"smartbiked-{user}"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
@@ -49,16 +56,18 @@ class BikeLock:
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`AlreadyRunning` naming the holder."""
+        if not _HAVE_FLOCK:
+            return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise AlreadyRunning(f"another smartbiked (pid {holder}) already runs this bike "
                                  f"(lock {self.path})") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def release(self) -> None:
@@ -105,8 +114,11 @@ def request_reload(pid: int, timeout: float = RELOAD_TIMEOUT) -> tuple[bool, str
     """Send SIGHUP to the daemon ``pid`` and wait for its verdict: (applied, why)."""
     path = state_path(pid)
     before, _, _ = _read(path)
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is None:
+        return False, "reloading needs SIGHUP, which this system does not have"
     try:
-        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, hangup)
     except ProcessLookupError:
         return False, f"no process {pid}"
     deadline = time.monotonic() + timeout

@@ -52,6 +52,8 @@ from smartbiked.topics import (
 )
 
 log = logging.getLogger("smartbiked.service")
+#: SIGHUP's number, or -1 where there is none (Windows).
+_SIGHUP: int = getattr(signal, "SIGHUP", -1)
 
 #: Payloads of the retained availability topic. The Last Will says "lost", so an app
 #: can tell a crash or a cut cable ("lost") from an operator's stop ("offline").
@@ -177,7 +179,10 @@ class Service:
         cfg = self.config
         if install_signals:
             # The handler only queues: paho is not reentrant, so the work happens on a thread.
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            # Windows has no SIGHUP (a virtual bike there reloads by restarting).
+            for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+                if signum is None:
+                    continue
                 signal.signal(signum, lambda n, _frame: self._signals.put(n))
         notify("STATUS=opening hardware")
         for warning in cfg.warnings:
@@ -213,12 +218,12 @@ class Service:
         while True:
             signum = self._signals.get()
             try:
-                if signum == signal.SIGHUP:
+                if signum == _SIGHUP:
                     # However many SIGHUPs a burst brought, one reload reads the file as
                     # it is now; one arriving during that reload causes one more.
                     signum = self._coalesce_reloads()
                     self.reload()
-                    if signum == signal.SIGHUP:
+                    if signum == _SIGHUP:
                         continue
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 self.shutdown()
@@ -232,13 +237,13 @@ class Service:
 
     def _coalesce_reloads(self) -> int:
         """Take every signal already queued; the last one that is not SIGHUP, or SIGHUP."""
-        result: int = signal.SIGHUP
+        result: int = _SIGHUP
         while True:
             try:
                 signum = self._signals.get_nowait()
             except queue.Empty:
                 return result
-            if signum != signal.SIGHUP:
+            if signum != _SIGHUP:
                 result = signum
 
     def shutdown(self) -> None:

@@ -35,6 +35,7 @@ import math
 import os
 import re
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -203,7 +204,10 @@ class Board:
         self._thread: threading.Thread | None = None
         self._ended = False  # the thread is gone (closed, or crashed): jobs run at once
         # Writing a byte here wakes the thread from its wait on the device: a job, a close.
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # A socket pair, not a pipe: Windows' select() takes sockets only.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._pipe_closed = False
 
     # -- for the owner and the drivers
@@ -306,8 +310,8 @@ class Board:
         self.why_down = "closed"
         if not stuck:  # a stuck thread may still wait on the pipe: leave it to the process
             self._pipe_closed = True
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wake_r.close()
+            self._wake_w.close()
 
     def wait_input(self, timeout: float | None) -> bool:
         """Block until the device may have input, a job or close() arrives, or ``timeout``.
@@ -318,14 +322,15 @@ class Board:
         if self._closed:
             return False
         fd = self._fileno()
-        watched = [self._wake_r] if fd is None else [self._wake_r, fd]
+        wake = self._wake_r.fileno()
+        watched = [wake] if fd is None else [wake, fd]
         if fd is None and self.connected:
             timeout = NO_FD_INTERVAL if timeout is None else min(timeout, NO_FD_INTERVAL)
         ready, _, _ = select.select(watched, [], [], None if timeout is None
                                     else max(timeout, 0.0))
-        if self._wake_r in ready:
+        if wake in ready:
             try:
-                os.read(self._wake_r, 4096)
+                self._wake_r.recv(4096)
             except BlockingIOError:
                 pass
         if fd is None:
@@ -381,9 +386,9 @@ class Board:
         if self._pipe_closed:
             return  # its number may belong to another file by now
         try:
-            os.write(self._wake_w, b"x")
+            self._wake_w.send(b"x")
         except OSError:
-            pass  # already woken: the pipe is full
+            pass  # already woken: the buffer is full
 
     def _run_job(self, job: Callable[[], None]) -> None:
         try:
