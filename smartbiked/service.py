@@ -34,6 +34,7 @@ from smartbiked.bike import Bike
 from smartbiked.coach import TRAINER_TOPICS, Coach
 from smartbiked.errors import EX_CONFIG, ConfigError
 from smartbiked.hardware import Hardware
+from smartbiked.hardware.gpio import check_pin_factory
 from smartbiked.mqtt_client import MQTTClient
 from smartbiked.notify import notify, watchdog_period
 from smartbiked.outbox import Outbox
@@ -426,7 +427,10 @@ class Service:
         """Publish a value on the topic's report sub-topic."""
         if self.coach is not None:
             self.coach.reading(topic, value)
-        body = report_payload(value, TOPICS[topic].unit, time.time(), self.config.device_name)
+        spec = TOPICS[topic]
+        if spec.decimals is not None:
+            value = round(value, spec.decimals)
+        body = report_payload(value, spec.unit, time.time(), self.config.device_name)
         where = topic_path(self.config.bike_id, topic, "report")
         if sensor:
             # Never queued through an outage: a reading that late is stale.
@@ -592,6 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             with VirtualBike(cfg, seed=args.seed) as virtual:
                 return _serve(Service(cfg, virtual.hardware), state)
+        if any(d.kind.startswith("gpio_") for d in cfg.drivers):
+            no_gpio = check_pin_factory()
+            if no_gpio is not None:
+                log.error("no GPIO on this machine (%s): on a Pi, install python3-lgpio; to "
+                          "try the daemon without the hardware, run it with --simulate", no_gpio)
         return _serve(Service(cfg, Hardware()), state)
     finally:
         state.remove()

@@ -34,6 +34,8 @@ class TopicSpec:
     high: float = math.inf
     step: float = 0.0  # 0: any value in range
     safe: float | None = None  # None: hold still when made safe
+    #: Decimals a report carries: a sensor's noise in the 15th digit tells an app nothing.
+    decimals: int | None = None
 
 
 TOPICS: dict[str, TopicSpec] = {
@@ -42,10 +44,10 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec("incline", "actuator", "degree", -10, 19, 0.5, None),
         TopicSpec("resistance", "actuator", "percentage", 0, 100, 0, 0),
         TopicSpec("fan", "actuator", "percentage", 0, 100, 0, 0),
-        TopicSpec("speed", "sensor", "m/s"),
-        TopicSpec("cadence", "sensor", "RPM"),
-        TopicSpec("power", "sensor", "W"),
-        TopicSpec("heartrate", "sensor", "BPM"),
+        TopicSpec("speed", "sensor", "m/s", decimals=3),
+        TopicSpec("cadence", "sensor", "RPM", decimals=1),
+        TopicSpec("power", "sensor", "W", decimals=1),
+        TopicSpec("heartrate", "sensor", "BPM", decimals=1),
         TopicSpec("button", "event"),
         TopicSpec("targetpower", "virtual", "W", 0, 2000, 0, None),
         TopicSpec("grade", "virtual", "percentage", -40, 40, 0, None),

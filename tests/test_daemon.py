@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +17,7 @@ from paho.mqtt.properties import Properties
 
 from smartbiked.errors import EX_CONFIG
 from smartbiked.fakeboard import FakeBoard
-from tests.conftest import MOTORS, bike_config, wait_until
+from tests.conftest import MOTORS, ROOT, bike_config, daemon_env, wait_until
 
 FAN = """
 [fan]
@@ -358,3 +360,24 @@ def test_stops_promptly_when_the_broker_never_answers(run_daemon):
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(10) == 0
         assert time.monotonic() - started < 6
+
+
+def test_a_machine_without_gpio_gets_one_line_not_four_warnings(broker, probe, tmp_path):
+    """gpiozero warns once per back end it tries; the daemon says it once, with a hint."""
+    cfg = tmp_path / "bike.toml"
+    cfg.write_text(bike_config(broker, FAN))
+    env = {k: v for k, v in daemon_env().items() if not k.startswith("GPIOZERO_")}
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "smartbiked", "--config", str(cfg)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        probe.wait_for("bike/000001/status", lambda m: m.payload == b"online")
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=10)[1]
+    assert "PinFactoryFallback" not in err and "warnings.warn" not in err, err
+    # On a machine with GPIO (a Pi) there is nothing to say; elsewhere, one line.
+    assert err.count("no GPIO on this machine") <= 1
+    if "Unable to load any default pin factory" in err:
+        assert err.count("no GPIO on this machine") == 1 and "--simulate" in err

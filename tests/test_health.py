@@ -101,3 +101,12 @@ def test_a_missing_motor_board_is_failed_in_health_and_refuses_no_one(broker, pr
     before = [m for m in probe.messages[:mark] if m.topic.endswith("/status")
               and m.topic != "bike/000001/status"]
     assert before == [], "a refusal was published although nobody sent a command"
+
+
+def test_reports_carry_no_noise_in_the_fifteenth_digit(broker, probe, run_daemon):
+    from tests.test_simulator import FULL
+
+    run_daemon(bike_config(broker, FULL), "--simulate", "--seed", "5")
+    for topic, decimals in (("speed", 3), ("cadence", 1), ("power", 1), ("heartrate", 1)):
+        value = probe.json(f"bike/000001/{topic}/report")["value"]
+        assert value == round(value, decimals), (topic, value)

@@ -22,11 +22,19 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
-from gpiozero import Button, DigitalInputDevice, DigitalOutputDevice, PWMOutputDevice, Servo
-from gpiozero.exc import GPIOZeroError
+from gpiozero import (
+    Button,
+    Device,
+    DigitalInputDevice,
+    DigitalOutputDevice,
+    PWMOutputDevice,
+    Servo,
+)
+from gpiozero.exc import BadPinFactory, GPIOZeroError, PinFactoryFallback
 from gpiozero.pins import BoardInfo
 from gpiozero.pins.local import get_pi_revision
 from gpiozero.pins.pi import PiBoardInfo
@@ -460,3 +468,18 @@ class GpioPulseSensor(_OneDevice, Sensor):
         count = min(len(edges) - 1, self._per_rev)
         return (edges[-1] - edges[-1 - count]) * self._per_rev / count
 
+
+
+def check_pin_factory() -> str | None:
+    """Why gpiozero has no pin factory on this machine, or None when it has one.
+
+    gpiozero warns once per back end it tries (lgpio, RPi.GPIO, pigpio, native) before
+    it gives up: four warnings that bury the one fact an operator needs. Those warnings
+    are silenced for the whole process; the caller says it in one line instead.
+    """
+    warnings.filterwarnings("ignore", category=PinFactoryFallback)
+    try:
+        Device.ensure_pin_factory()
+    except (BadPinFactory, ImportError, OSError, RuntimeError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
