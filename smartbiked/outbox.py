@@ -140,6 +140,8 @@ class Outbox:
         self._unacked: dict[int, tuple[float, _Message]] = {}
         # Acks that overtook publish() returning on the outbox thread.
         self._early_acks: set[int] = set()
+        # State topics published since the connection came up.
+        self._sent_on_link: set[str] = set()
         self._closed = False
         self._in_hand = 0  # taken from the line, not yet handed to paho
         self._thread: threading.Thread | None = None
@@ -202,19 +204,30 @@ class Outbox:
     # -- connection events (paho's loop thread) ----------------------------------------------
 
     def connected(self) -> None:
-        """A (re)connect: every state topic is sent again, in its place at the back."""
+        """A (re)connect: every state topic not yet sent on this connection is sent
+        again, in its place at the back (one already sent since the CONNACK is not
+        repeated: an app would see the same value twice)."""
         with self._cond:
             self._unacked.clear()
             self._early_acks.clear()
-            for topic in self._state:
-                if topic not in self._queued_state:
-                    self._queued_state.add(topic)
-                    self._line.append(topic)
-            self._cond.notify_all()
+            self._requeue(self._sent_on_link)
+
+    def refresh(self) -> None:
+        """Send every state topic again (a broker may not have kept a retained message)."""
+        with self._cond:
+            self._requeue(set())
+
+    def _requeue(self, skip: set[str]) -> None:
+        for topic in self._state:
+            if topic not in self._queued_state and topic not in skip:
+                self._queued_state.add(topic)
+                self._line.append(topic)
+        self._cond.notify_all()
 
     def disconnected(self) -> None:
         """The connection dropped: transient messages waiting are stale; state waits."""
         with self._cond:
+            self._sent_on_link.clear()
             kept: deque[str | _Message] = deque()
             for item in self._line:
                 if isinstance(item, str):
@@ -314,6 +327,8 @@ class Outbox:
             return
         info = self.client.publish(msg.topic, msg.payload, 1, msg.retain, msg.properties)
         with self._cond:
+            if info.rc == MQTT_ERR_SUCCESS and msg.retain:
+                self._sent_on_link.add(msg.topic)
             if info.rc in (MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN):
                 # NO_CONN: the connection dropped just now; paho keeps a QoS 1 message
                 # and sends it after the reconnect.

@@ -522,7 +522,7 @@ class Service:
                 guard.flush()
             if time.monotonic() - refreshed >= STATE_REFRESH:
                 refreshed = time.monotonic()
-                self.outbox.connected()  # every state topic again
+                self.outbox.refresh()  # every state topic again
             if self._stopping.is_set():
                 return
             if not due and time.monotonic() - last < HEALTH_MAX_INTERVAL:

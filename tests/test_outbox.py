@@ -160,3 +160,18 @@ def test_a_flood_of_refusals_sheds_its_own_oldest_not_the_readings(broker, probe
                 if m.topic == "bike/1/fan/status"]
     assert refusals[-1] == 199 and len(refusals) <= 20 + 32
     assert outbox.counters.shed["refusals"] == 200 - len(refusals)
+
+
+def test_state_sent_since_the_connect_is_not_repeated_but_a_reconnect_repeats_it(
+        broker, probe, outbox):
+    outbox.state("bike/1/fan/report", {"value": 4.0})
+    probe.json("bike/1/fan/report", lambda d: d["value"] == 4.0)
+    outbox.connected()  # the subscription was granted after the state went out
+    outbox.state("bike/1/resistance/report", {"value": 1.0})  # a barrier behind it
+    probe.json("bike/1/resistance/report")
+    assert values(probe, "bike/1/fan/report") == [4.0]
+    outbox.disconnected()
+    outbox.connected()
+    wait_until(lambda: values(probe, "bike/1/fan/report") == [4.0, 4.0], 10, "a resend")
+    outbox.refresh()
+    wait_until(lambda: len(values(probe, "bike/1/fan/report")) == 3, 10, "a refresh")
