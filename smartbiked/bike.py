@@ -538,6 +538,12 @@ class Bike:
                 self._set_state(topic, RUNNING)  # back again: running once readings are
         else:
             self._set_state(topic, RUNNING if connected else FAILED, reason)
+            slot = self._slots.get(topic)
+            if (connected and slot is not None and slot.value is None and slot.busy is None
+                    and slot.pending is None and slot.driver.safe_value is not None):
+                # A motor board that was absent at start-up, or never took a value: a
+                # defined state when it appears, as at boot, not whatever it powered up in.
+                self._request(slot, _Write(slot.driver.safe_value, "board appeared"))
 
     # -- sensors --------------------------------------------------------------------------------
 

@@ -264,10 +264,14 @@ def test_a_missing_motor_board_is_a_failed_state_not_a_refusal(tmp_path, start_b
     assert not out.matching(lambda i: i[0] == "outcome")  # nobody sent a command
     assert out.states("incline") == ["failed"]  # once, though the board and the write failed
     assert bike.states()["incline"][0] == "failed"
-    with motor_board(tmp_path):  # plugged in: reopened at once, commands accepted
+    with motor_board(tmp_path) as board:  # plugged in: reopened at once, commands accepted
         out.wait(lambda i: i == ("state", "incline", "running", None))
+        # It never had a value: it gets its safe value first, as it would have at boot.
+        assert board.next_line() == "I0"
+        out.wait(lambda i: i == ("report", "incline", 0.0))
         bike.submit(Command("incline", 2.0), reply="req")
         out.wait(lambda i: i == ("outcome", "incline", 2.0, None, ("req",)))
+        assert board.next_line() == "I2"
 
 
 # --------------------------------------------------------------------------- watchdog
