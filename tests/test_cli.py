@@ -384,7 +384,7 @@ def test_any_message_leaves_the_watch_drawable_and_clean(messages):
 
 # --------------------------------------------------------------------------- health
 
-HEALTH = {"version": "0.2.0", "uptime": 12.3, "broker": "127.0.0.1:1883", "reconnects": 2,
+HEALTH = {"version": "0.2.0", "uptime": 12.3, "broker": "127.0.0.1:41883", "reconnects": 2,
           "drivers": {"fan": {"state": "running"},
                       "heartrate": {"state": "stale", "reason": "no reading for 5 s"},
                       "incline": {"state": "failed", "reason": "board motors: no such port"}},

@@ -320,7 +320,8 @@ def test_a_password_sent_in_clear_off_this_machine_is_warned_about(tmp_path, hos
     clear = [w for w in cfg.warnings if "without TLS" in w]
     assert bool(clear) == warned, cfg.warnings
     if warned:
-        assert clear == [f"[broker] the password goes to {host}:1883 without TLS, readable "
+        port = 1883  # the default port: this config names none
+        assert clear == [f"[broker] the password goes to {host}:{port} without TLS, readable "
                          "on the network: set tls = true (and a TLS port)"]
     # No password, nothing to leak.
     cfg = config.load(write(tmp_path, text), environ={}, env_file=tmp_path / "no-env")
