@@ -337,3 +337,97 @@ def retained(broker: Broker, topic: str, timeout: float = 5.0) -> Any:
         reader.loop_stop()
     assert got[0].retain, f"the message on {topic} is not retained"
     return got[0]
+
+
+class Relay:
+    """A TCP relay between the daemon and the broker: the line, for tests to break.
+
+    ``cut()`` closes the open connections (new ones are relayed); ``down()`` also
+    refuses new ones until ``up()``; ``swallow()`` keeps the open connections but drops
+    every byte the daemon sends on them, as on a Wi-Fi link that died silently. A probe
+    connected straight to the broker stays subscribed throughout and sees everything
+    the daemon sends, in order.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self.target = (broker.host, broker.port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._swallowed: set[socket.socket] = set()  # connections whose bytes vanish
+        self._refusing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._refusing:
+                    near.close()  # the line is down: the connect attempt fails
+                    continue
+                try:
+                    far = socket.create_connection(self.target, timeout=5)
+                except OSError:
+                    near.close()  # the broker itself is down: so is the line
+                    continue
+                far.settimeout(None)
+                self._open += [near, far]
+            threading.Thread(target=self._pump, args=(near, far, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(far, near, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if upstream and src in self._swallowed:
+                    continue  # the daemon's bytes vanish: nothing reaches the broker
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        src.close()  # each socket is the source of exactly one pump
+
+    def swallow(self) -> None:
+        """From now on, what the daemon sends on its open connections goes nowhere."""
+        with self._lock:
+            self._swallowed.update(self._open)
+
+    def cut(self) -> None:
+        """Close every open connection (both ends see it at once)."""
+        with self._lock:
+            cut, self._open = self._open, []
+        for s in cut:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def down(self) -> None:
+        """Cut the line and keep it down: new connections are closed at once."""
+        with self._lock:
+            self._refusing = True
+        self.cut()
+
+    def up(self) -> None:
+        """Relay new connections again."""
+        with self._lock:
+            self._refusing = False
+
+    def close(self) -> None:
+        self.down()
+        self.listener.close()
+
+
+@pytest.fixture
+def relay(broker: Broker) -> Iterator[Relay]:
+    """A line between the daemon and ``broker`` that the test can cut."""
+    r = Relay(broker)
+    yield r
+    r.close()

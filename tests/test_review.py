@@ -8,104 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from smartbiked.fakeboard import FakeBoard
 from smartbiked.hardware.serial import parse_line
 from smartbiked.logs import FloodGuard
-from tests.conftest import Broker, bike_config, wait_until
+from tests.conftest import bike_config, wait_until
 from tests.test_daemon import send
 from tests.test_service import factory, serve  # noqa: F401  (fixtures)
-
-
-class Relay:
-    """A TCP relay to the broker that can swallow what the daemon sends, and cut the line.
-
-    ``swallow()`` keeps the open connections open but drops every byte the daemon sends
-    on them: its publishes leave the socket and are never acknowledged, as on a Wi-Fi
-    link that died silently. ``cut()`` then closes them; new ones are relayed normally.
-    """
-
-    def __init__(self, broker: Broker) -> None:
-        self.target = (broker.host, broker.port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._open: list[socket.socket] = []
-        self._swallowed: set[socket.socket] = set()  # connections whose bytes vanish
-        self._refusing = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                near, _ = self.listener.accept()
-            except OSError:
-                return
-            if self._refusing:
-                near.close()  # the line is down: every connect attempt fails
-                continue
-            try:
-                far = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                near.close()
-                continue
-            far.settimeout(None)
-            with self._lock:
-                self._open += [near, far]
-            threading.Thread(target=self._pump, args=(near, far, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(far, near, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if upstream and src in self._swallowed:
-                    continue  # the daemon's bytes vanish: no PUBLISH reaches the broker
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        src.close()
-
-    def swallow(self) -> None:
-        """From now on, what the daemon sends on its open connections goes nowhere."""
-        with self._lock:
-            self._swallowed.update(self._open)
-
-    def cut(self) -> None:
-        """Close every open connection and relay new ones normally again."""
-        with self._lock:
-            cut, self._open = self._open, []
-        for s in cut:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def down(self) -> None:
-        """Cut the line and keep it down: new connections are closed at once."""
-        self._refusing = True
-        self.cut()
-
-    def close(self) -> None:
-        self.down()
-        self.listener.close()
-
-
-@pytest.fixture
-def relay(broker: Broker) -> Iterator[Relay]:
-    r = Relay(broker)
-    yield r
-    r.close()
 
 
 def _handed_to_paho(service: Any) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from smartbiked import config as configuration
 from smartbiked import logs
 from smartbiked.hardware import Hardware
 from smartbiked.service import Service
-from tests.conftest import Broker, NotifySocket, bike_config, wait_until
+from tests.conftest import NotifySocket, bike_config, wait_until
 from tests.test_daemon import send
 
 BUTTONS_AND_FAN = """
@@ -114,84 +113,6 @@ def test_fan_pin_follows_commands_and_is_safe_after_stop(broker, probe, serve, f
     assert fan.state == 0
 
 
-class Proxy:
-    """A TCP relay to the broker that can cut the line and restore it.
-
-    For the daemon behind it the broker goes away and comes back; a probe connected
-    straight to the broker stays subscribed throughout and sees everything the daemon
-    sends on reconnecting, in order.
-    """
-
-    def __init__(self, broker: Broker) -> None:
-        self.target = (broker.host, broker.port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
-        self._up = True
-        self._lock = threading.Lock()
-        self._open: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                near, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            with self._lock:
-                if not self._up:
-                    near.close()  # nobody home: the connect attempt fails
-                    continue
-                try:
-                    far = socket.create_connection(self.target, timeout=5)
-                except OSError:
-                    near.close()  # the broker itself is down: so is the line
-                    continue
-                far.settimeout(None)
-                self._open += [near, far]
-            for src, dst in ((near, far), (far, near)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        src.close()  # each socket is the source of exactly one pump
-
-    def cut(self) -> None:
-        """Drop every connection (both ends see it at once) and refuse new ones."""
-        with self._lock:
-            self._up = False
-            cut, self._open = self._open, []
-        for s in cut:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def restore(self) -> None:
-        with self._lock:
-            self._up = True
-
-    def close(self) -> None:
-        self.cut()
-        self.listener.close()
-
-
-@pytest.fixture
-def proxy(broker: Broker) -> Iterator[Proxy]:
-    p = Proxy(broker)
-    yield p
-    p.close()
-
-
 @pytest.fixture
 def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
     """What the in-process service tells systemd (STATUS lines say when it lost the broker)."""
@@ -225,9 +146,9 @@ def bodies(probe, topic: str, after: int = 0) -> list[dict[str, Any]]:
             if m.topic == f"bike/000001/{topic}/report"]
 
 
-def test_nothing_from_an_outage_is_published_late(broker, proxy, probe, serve, factory,
+def test_nothing_from_an_outage_is_published_late(broker, relay, probe, serve, factory,
                                                   notify):
-    serve(bike_config(broker, OUTAGE, port=proxy.port))
+    serve(bike_config(broker, OUTAGE, port=relay.port))
     status = "bike/000001/status"
     probe.wait_for(status, lambda m: m.payload == b"online")
     left, right = factory.pin(17), factory.pin(18)  # BOARD11, BOARD12
@@ -239,7 +160,7 @@ def test_nothing_from_an_outage_is_published_late(broker, proxy, probe, serve, f
     fan = factory.pin(12)
     written = len(fan.writes)
     cut = time.monotonic()
-    proxy.cut()
+    relay.down()
     lost = probe.wait_for(status, lambda m: m.payload == b"lost")
     after_lost = probe.messages.index(lost)  # what the old connection sent came before it
     notify.wait_for("STATUS=reconnecting to*", after=connected)
@@ -253,7 +174,7 @@ def test_nothing_from_an_outage_is_published_late(broker, proxy, probe, serve, f
     left.drive_low()        # ...and again just before the line is back (still fresh then)
     left.drive_high()
     restored = time.time()
-    proxy.restore()
+    relay.up()
 
     back = probe.wait_for(status, lambda m: m.payload == b"online", after=after_lost)
     after_back = probe.messages.index(back)
