@@ -47,3 +47,11 @@ class ConfigError(SmartbikeError):
 
 class HardwareError(SmartbikeError):
     """A pin or port could not be opened, read or written."""
+
+
+class BluetoothUnavailable(SmartbikeError):
+    """The Bluetooth stack or adapter is not there (no BlueZ, no adapter, no dongle).
+
+    The message is one line an operator can act on; the daemon keeps running over MQTT
+    and tries Bluetooth again later.
+    """
