@@ -166,6 +166,9 @@ class Bike:
         self._ident: int | None = None
         self._opened = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Told ``(topic, count, at)`` of whole revolutions by the sensors that count
+        #: them (Bluetooth Cycling Power); set before :meth:`start`.
+        self.on_revolutions: Callable[[str, int, float], None] | None = None
 
     # -- called from other threads --------------------------------------------------------
 
@@ -554,6 +557,10 @@ class Bike:
         self._schedule(watch)
         if driver.PUSHES:
             driver.start(self._emitter(watch))
+        listener = self.on_revolutions
+        if listener is not None:
+            topic = driver.topic
+            driver.watch_revolutions(lambda count, at: listener(topic, count, at))
         if driver.stale_after is not None:
             watch.fresh_at = self.clock()  # a reading is due within stale_after of opening
             self._arm_stale(watch)

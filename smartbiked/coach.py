@@ -39,6 +39,9 @@ class Coach:
         self._stop = threading.Event()
         self._config = config
         self._publish_state = publish_state
+        #: Who controls the bike, shown in the mode report: "mqtt" (any MQTT app; also
+        #: nobody) or "bluetooth" (a Bluetooth app holds FTMS control).
+        self.controller = "mqtt"
         self.trainer = Trainer(
             config.trainer, limits["resistance"],
             submit=lambda percent: submit(Command("resistance", percent)),
@@ -58,6 +61,7 @@ class Coach:
         if self._stop.is_set():
             return  # a stopped coach's mode is history: the new one announces its own
         cfg = self._config
+        body = {**body, "controller": self.controller}
         self._publish_state(topic_path(cfg.bike_id, "mode", "report"),
                             mode_payload(body, time.time(), cfg.device_name))
 
@@ -80,6 +84,13 @@ class Coach:
         """Every reading and actuator report the bike publishes."""
         with self._lock:
             self.trainer.reading(topic, value)
+
+    def set_controller(self, controller: str) -> None:
+        """Control changed hands ("mqtt" or "bluetooth"): the mode report says so."""
+        with self._lock:
+            if controller != self.controller:
+                self.controller = controller
+                self._announce(self.trainer.report())
 
     def release(self, reason: str) -> None:
         """Leave ERG or simulation, moving nothing (stop, reload, the bike made safe)."""

@@ -13,6 +13,7 @@ they are listed in :attr:`Config.warnings`.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import math
 import os
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smartbiked.ble.settings import BACKENDS, BleSettings
 from smartbiked.errors import ConfigError, ConfigProblem
 from smartbiked.hardware import DRIVERS, Actuator, Option, SerialBoard
 from smartbiked.hardware.base import REQUIRED, at_least, between, regex
@@ -92,6 +94,13 @@ class Config:
     trainer: TrainerSettings = TrainerSettings()
     #: ``[homeassistant]``: MQTT discovery.
     homeassistant: HomeAssistantSettings = HomeAssistantSettings()
+    #: ``[ble]``: the bike as a Bluetooth smart trainer.
+    ble: BleSettings = BleSettings()
+
+    @property
+    def ble_name(self) -> str:
+        """The name the bike advertises over Bluetooth."""
+        return self.ble.name or f"Smartbike {self.bike_id}"
 
     def actuator_limits(self) -> dict[str, Limits]:
         """The limits of every actuator this bike has, by topic."""
@@ -329,9 +338,50 @@ _HOMEASSISTANT = (
            "settings); {prefix}/status online republishes", _prefix_check),
     Option("name", (str,), "", "the device's name in Home Assistant (default: Smartbike <id>)"),
 )
+
+
+def _ble_name_check(v: str) -> str | None:
+    if not v.isprintable():
+        return "must be printable"
+    # The scan response holds 29 bytes of name; the advert itself carries less.
+    return None if len(v.encode("utf-8")) <= 29 else "must be at most 29 bytes in UTF-8"
+
+
+def _adapter_check(v: str) -> str | None:
+    return None if re.fullmatch(r"hci[0-9]{1,2}", v) else 'must name an adapter: "hci0"'
+
+
+def _transport_check(v: str) -> str | None:
+    return None if v and v.isprintable() and ":" in v else (
+        'must be a bumble transport such as "usb:0" or "hci-socket:0"')
+
+
+_BLE = (
+    Option("enabled", (bool,), False,
+           "advertise the bike as a Bluetooth smart trainer (FTMS, Cycling Power, Heart "
+           "Rate) beside MQTT; needs the ble extra (see Bluetooth smart trainer)"),
+    Option("backend", (str,), "bluez",
+           "bluez: through BlueZ over D-Bus, sharing the Pi's adapter; bumble: our own "
+           "stack on an adapter nothing else uses (transport)", _one_of(*BACKENDS)),
+    Option("adapter", (str,), "hci0", "BlueZ adapter (bluez)", _adapter_check),
+    Option("transport", (str,), "usb:0",
+           "bumble HCI transport: usb:0 (a dongle), hci-socket:0 (an adapter BlueZ "
+           "let go of)", _transport_check),
+    Option("name", (str,), "", "advertised name, at most 29 bytes (default: Smartbike <id>)",
+           _ble_name_check),
+    Option("notify_period", (float,), 1.0,
+           "seconds between notifications of the readings", between(0.25, 5)),
+    Option("resistance_levels", (float,), 20.0,
+           "FTMS resistance levels the 0-100 % resistance range is shown as (0.1 steps; "
+           "at most 25.5, what the 1-byte Set Target Resistance form reaches)",
+           between(1, 25.5)),
+    Option("stale_after", (float,), 5.0,
+           "seconds after which a reading is left out of the notifications (an app "
+           "shows nothing rather than a stuck value)", between(1, 60)),
+)
 #: The fixed tables in the order the configuration reference shows them.
 TABLES = (("[bike]", _BIKE), ("[broker]", _BROKER), ("[service]", _SERVICE),
-          ("[trainer]", _TRAINER), ("[homeassistant]", _HOMEASSISTANT))
+          ("[trainer]", _TRAINER), ("[homeassistant]", _HOMEASSISTANT), ("[ble]", _BLE))
 #: Topics served by a driver table of their own ([fan], [cadence]...).
 DRIVER_TOPICS = tuple(t for t, spec in TOPICS.items()
                       if spec.kind in ("actuator", "sensor", "event"))
@@ -421,11 +471,13 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
         raise ConfigError(check.problems) from None
 
     _apply_env(raw, env, check)
-    known = {"bike", "broker", "service", "serial", "trainer", "homeassistant", *DRIVER_TOPICS}
+    known = {"bike", "broker", "service", "serial", "trainer", "homeassistant", "ble",
+             *DRIVER_TOPICS}
     for name in raw:
         if name not in known:
             check.add(name, "", "unknown table; known tables: bike, broker, service, serial, "
-                      "trainer, homeassistant, and one per topic: " + ", ".join(DRIVER_TOPICS))
+                      "trainer, homeassistant, ble, and one per topic: "
+                      + ", ".join(DRIVER_TOPICS))
 
     raw_bike = raw.get("bike", {})
     if isinstance(raw_bike, dict) and isinstance(raw_bike.get("id"), int):
@@ -458,6 +510,8 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
     trainer = check.table("trainer", raw.get("trainer", {}), _TRAINER)
     _check_trainer(trainer, drivers, check)
     homeassistant = check.table("homeassistant", raw.get("homeassistant", {}), _HOMEASSISTANT)
+    ble = check.table("ble", raw.get("ble", {}), _BLE)
+    _check_ble(ble, check)
     if check.problems:
         raise ConfigError(check.problems)
     warnings = _warnings(broker, password, password_from,
@@ -482,7 +536,18 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
         warnings=tuple(warnings),
         trainer=TrainerSettings.from_options(trainer),
         homeassistant=HomeAssistantSettings(**homeassistant),
+        ble=BleSettings(**ble),
     )
+
+
+def _check_ble(ble: dict[str, Any], check: _Checker) -> None:
+    """An enabled [ble] needs its backend's package (the ble extra) installed."""
+    if any(p.table == "ble" for p in check.problems) or not ble["enabled"]:
+        return
+    package = BACKENDS[ble["backend"]]
+    if importlib.util.find_spec(package) is None:
+        check.add("ble", "backend", f"needs the Python package {package}, which is not "
+                  "installed: pip install 'smartbiked[ble]'", ble["backend"])
 
 
 def _check_trainer(trainer: dict[str, Any], drivers: tuple[DriverSettings, ...],

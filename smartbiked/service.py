@@ -6,7 +6,9 @@ port; the ``outbox`` thread (:class:`smartbiked.outbox.Outbox`) is the only one 
 hands messages to paho; a ``signals`` thread turns SIGTERM/SIGINT/SIGHUP into a clean
 stop or a reload (paho must not be called from a signal handler); a ``watchdog``
 thread pings systemd only while both loops show life; a ``housekeeping`` thread
-publishes the health message and the log flood guard's summaries.
+publishes the health message and the log flood guard's summaries; with ``[ble]``
+enabled, a ``ble`` thread (:class:`smartbiked.ble.radio.Radio`) runs the Bluetooth
+smart trainer, whose Control Point requests come back through :meth:`Service.command`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from paho.mqtt.properties import Properties
 from smartbiked import __version__, homeassistant, logs, runtime
 from smartbiked import config as configuration
 from smartbiked.bike import Bike
+from smartbiked.ble.control import FTMS_TOPICS
+from smartbiked.ble.radio import Radio
 from smartbiked.coach import TRAINER_TOPICS, Coach
 from smartbiked.errors import EX_CONFIG, ConfigError
 from smartbiked.hardware import Hardware
@@ -150,6 +154,7 @@ class Service:
         self.bike = Bike(config, hardware, self)
         self.client = BikeConnection(self)
         self.outbox = Outbox(self.client)
+        self.radio = self._make_radio(config)
         self.coach = self._make_coach(config)
         self.started = time.monotonic()
         self.reconnects = -1  # the first connect is not a reconnect
@@ -162,8 +167,19 @@ class Service:
         self._exit_status = 0
 
     def _make_coach(self, config: configuration.Config) -> Coach | None:
-        return Coach.create(config, lambda command: self.bike.submit(command, None),
-                            self.outbox.state)
+        coach = Coach.create(config, lambda command: self.bike.submit(command, None),
+                             self.outbox.state)
+        if coach is not None and self.radio is not None and self.radio.control.controller:
+            coach.controller = "bluetooth"  # a reload does not take control from the app
+        return coach
+
+    def _make_radio(self, config: configuration.Config) -> Radio | None:
+        if not config.ble.enabled:
+            return None
+        radio = Radio(config.ble, self.limits, self.bluetooth_command, self._bluetooth_control,
+                      name=config.ble_name, seed=config.bike_id)
+        self.bike.on_revolutions = radio.revolutions
+        return radio
 
     def _offline_too_long(self) -> bool:
         since = self.bike.offline_since
@@ -204,6 +220,8 @@ class Service:
             threading.Thread(target=target, name=name, daemon=True).start()
         if self.coach is not None:
             self.coach.start(self._offline_too_long)
+        if self.radio is not None:
+            self.radio.start()
         try:
             self.client.loop_forever()
         except Exception:
@@ -251,6 +269,8 @@ class Service:
         """Actuators to safe values, say offline, disconnect: loop_forever then returns."""
         notify("STOPPING=1", "STATUS=stopping: actuators to safe values")
         self._stopping.set()
+        if self.radio is not None:
+            self.radio.stop()  # no Bluetooth command may move anything from here on
         if self.coach is not None:
             self.coach.release("stopping")
             self.coach.stop()
@@ -292,11 +312,12 @@ class Service:
             log.error("new configuration is invalid: keeping the running one")
             return (False, "reload refused: configuration invalid",
                     "; ".join(str(p) for p in exc.problems))
-        if (new.bike_id, new.broker, new.device_name) != (old.bike_id, old.broker,
-                                                          old.device_name):
-            log.warning("bike id, device name and [broker] changes take effect on restart")
+        if (new.bike_id, new.broker, new.device_name, new.ble) != (
+                old.bike_id, old.broker, old.device_name, old.ble):
+            log.warning("bike id, device name, [broker] and [ble] changes take effect on "
+                        "restart")
             new = dataclasses.replace(new, bike_id=old.bike_id, broker=old.broker,
-                                      device_name=old.device_name)
+                                      device_name=old.device_name, ble=old.ble)
         if new == old:
             log.info("reloaded %s: nothing changed", new.path)
             return True, "configuration reloaded", "nothing changed"
@@ -305,6 +326,8 @@ class Service:
             self.coach.stop()
         self.config = new
         self.limits = new.control_limits()
+        if self.radio is not None:
+            self.radio.control.limits = dict(self.limits)
         self.coach = self._make_coach(new)
         if self.coach is not None:
             self.coach.start(self._offline_too_long)
@@ -373,25 +396,58 @@ class Service:
             reply = None
             if isinstance(result, Command):
                 result = Refusal(result.topic, bad_reply, self.limits.get(result.topic))
-        if isinstance(result, Refusal):
-            self._refuse(result, [reply] if reply else [])
-        elif result.topic in TRAINER_TOPICS:
-            self._coach_command(result, reply)
-        else:
-            if self.coach is not None:
-                self.coach.app_command(result)
-            self.bike.submit(result, reply)
+        if (isinstance(result, Command) and result.topic in FTMS_TOPICS
+                and self.radio is not None):
+            # One controller at a time, and an MQTT app (the game, an operator) always
+            # gets it: a Bluetooth app holding control is told Control Permission Lost
+            # (its ERG or simulation is left) before this command runs.
+            self.radio.control_lost(f"an MQTT app sent a {result.topic} command")
+        self.command(result, reply)
 
-    def _coach_command(self, command: Command, reply: Reply | None) -> None:
+    def command(self, result: Command | Refusal, reply: Reply | None = None) -> str | None:
+        """Refuse or carry out a parsed command, from MQTT or Bluetooth: None when taken,
+        else the reason (also said on the topic's status and to ``reply``)."""
+        replies = [reply] if reply else []
+        if isinstance(result, Refusal):
+            self._refuse(result, replies)
+            return result.reason
+        if result.topic in TRAINER_TOPICS:
+            return self._coach_command(result, replies)
+        if self.coach is not None:
+            self.coach.app_command(result)
+        self.bike.submit(result, reply)
+        return None
+
+    def bluetooth_command(self, topic: str, payload: bytes) -> str | None:
+        """A Control Point request as the JSON command an MQTT app would send on
+        ``topic``: the same parsing, limits and path (see :class:`Radio`)."""
+        bike_id = self.config.bike_id
+        if self._stopping.is_set():
+            return "the bike is stopping"
+        return self.command(parse_command(topic_path(bike_id, topic, "control"), payload,
+                                          bike_id, self.limits))
+
+    def _bluetooth_control(self, controller: str | None, reason: str) -> None:
+        """Bluetooth control changed hands: the mode report and health say so; a mode
+        the app set is left when it lets go (resistance holds)."""
+        log.info("Bluetooth control: %s (%s)", controller or "released", reason)
+        coach = self.coach
+        if coach is not None:
+            if controller is None:
+                coach.release(reason)
+            coach.set_controller("mqtt" if controller is None else "bluetooth")
+        self._health_due.set()
+
+    def _coach_command(self, command: Command, replies: list[Reply]) -> str | None:
         why = (self.coach.command(command) if self.coach is not None
                else "this bike has no trainer ([trainer] enabled = false)")
-        replies = [reply] if reply else []
         if why is not None:
             self._refuse(Refusal(command.topic, why, self.limits.get(command.topic)), replies)
-            return
+            return why
         body = applied_payload(command.value, time.time(), self.config.device_name)
         for each in replies:
             self._answer(each, body)
+        return None
 
     def _announce_to_homeassistant(self) -> None:
         """MQTT discovery for Home Assistant: retained, and sent again after reconnects."""
@@ -427,6 +483,8 @@ class Service:
         """Publish a value on the topic's report sub-topic."""
         if self.coach is not None:
             self.coach.reading(topic, value)
+        if self.radio is not None:
+            self.radio.reading(topic, value)
         spec = TOPICS[topic]
         if spec.decimals is not None:
             value = round(value, spec.decimals)
@@ -495,10 +553,13 @@ class Service:
         snapshot = getattr(self.bike, "counters_snapshot", None)
         if snapshot is not None:
             counters.update(snapshot())
-        return {"version": __version__, "uptime": round(time.monotonic() - self.started, 1),
+        body = {"version": __version__, "uptime": round(time.monotonic() - self.started, 1),
                 "broker": f"{self.client.broker_address}:{self.client.port}",
                 "reconnects": max(0, self.reconnects), "drivers": drivers,
-                "counters": counters, "timestamp": time.time(),
+                "counters": counters}
+        if self.radio is not None:
+            body["bluetooth"] = self.radio.health()
+        return {**body, "timestamp": time.time(),
                 "metadata": {"deviceName": self.config.device_name}}
 
     def _housekeeping(self) -> None:

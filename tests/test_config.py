@@ -587,8 +587,52 @@ def test_home_assistant_settings(tmp_path):
     assert cfg.homeassistant.name == "Bike in the lab"
 
 
+def test_bluetooth_settings_and_their_defaults(tmp_path):
+    plain = config.load(write(tmp_path, MINIMAL), environ={})
+    assert not plain.ble.enabled and plain.ble.backend == "bluez"
+    assert plain.ble_name == f"Smartbike {plain.bike_id}"
+    cfg = config.load(write(tmp_path, MINIMAL + """
+        [ble]
+        enabled = true
+        backend = "bumble"
+        transport = "hci-socket:0"
+        name = "Vélo 7"
+        resistance_levels = 25.5
+        """), environ={})
+    assert (cfg.ble.enabled, cfg.ble.backend, cfg.ble.transport) == (True, "bumble",
+                                                                      "hci-socket:0")
+    assert cfg.ble_name == "Vélo 7" and cfg.ble.resistance_levels == 25.5
+
+
+def test_bad_bluetooth_settings_are_named(tmp_path):
+    found = problems(tmp_path, MINIMAL + """
+        [ble]
+        enabled = true
+        backend = "bluetoothd"
+        adapter = "wlan0"
+        transport = "usb"
+        name = "A name far too long for the scan response"
+        notify_period = 0
+        resistance_levels = 30
+        """)
+    for key in ("backend", "adapter", "transport", "name", "notify_period",
+                "resistance_levels"):
+        assert any(f"[ble] {key}:" in p for p in found), (key, found)
+
+
+def test_bluetooth_without_its_package_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(config.BACKENDS, "bumble", "no_such_bluetooth_package")
+    found = problems(tmp_path, MINIMAL + '[ble]\nenabled = true\nbackend = "bumble"\n')
+    assert any("[ble] backend: needs the Python package no_such_bluetooth_package" in p
+               and "smartbiked[ble]" in p for p in found), found
+    # Not enabled: nothing is needed.
+    assert not config.load(write(tmp_path, MINIMAL + '[ble]\nbackend = "bumble"\n'),
+                           environ={}).ble.enabled
+
+
 def test_the_reference_tables_list_the_new_tables():
     titles = [title for title, _ in config.TABLES]
-    assert titles == ["[bike]", "[broker]", "[service]", "[trainer]", "[homeassistant]"]
+    assert titles == ["[bike]", "[broker]", "[service]", "[trainer]", "[homeassistant]",
+                      "[ble]"]
     for _, options in config.TABLES:
         assert all(opt.doc for opt in options)

@@ -519,6 +519,21 @@ def test_pull_down_sensor_counts_rising_edges(make, factory, clock):
     assert sensor.read() == pytest.approx(120, rel=0.01)
 
 
+def test_whole_revolutions_are_counted_at_their_edge_times(make, factory, clock):
+    """What Bluetooth Cycling Power sends: real revolutions, each at its own edge."""
+    sensor = make(GpioPulseSensor, "cadence", pin=27, pulses_per_revolution=2)
+    heard: list[tuple[int, float]] = []
+    assert sensor.watch_revolutions(lambda count, at: heard.append((count, at)))
+    wheel = Wheel(factory, clock)
+    start = clock()
+    wheel.spin(5, 0.25)  # edges at 0, .25, .5, .75, 1.0: the 2nd and 4th end revolutions
+    assert heard == [(1, pytest.approx(start + 0.25)), (1, pytest.approx(start + 0.75))]
+    wheel.pulse()  # contact bounce inside the debounce time is no edge, no revolution
+    clock.advance(0.25)
+    wheel.pulse()
+    assert len(heard) == 3 and heard[-1][1] == pytest.approx(start + 1.25)
+
+
 def test_pulse_close_is_idempotent_and_frees_the_pin(make, factory, clock):
     sensor = make(GpioPulseSensor, "cadence", pin=27)
     sensor.close()

@@ -10,6 +10,7 @@ any thread once :meth:`BumbleTrainer.start` has run.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from typing import Any
 
@@ -17,10 +18,13 @@ from bumble import att
 from bumble.core import UUID, AdvertisingData
 from bumble.device import Connection, Device
 from bumble.gatt import Characteristic, CharacteristicValue, Service
+from bumble.hci import Address
+from bumble.transport import open_transport
 
 from smartbiked import ftms
 from smartbiked.ble.control import ControlPoint
 from smartbiked.ble.peripheral import BikeState
+from smartbiked.errors import BluetoothUnavailable
 
 log = logging.getLogger("smartbiked.ble")
 
@@ -125,6 +129,17 @@ class BumbleTrainer:
         await self.device.power_on()
         await self._advertise()
 
+    async def close(self) -> None:
+        """Stop advertising and let the tasks finish (the owner closes the transport)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self.device.powered_on:
+            try:
+                await self.device.stop_advertising()
+            except Exception as exc:  # a controller already gone: nothing left to stop
+                log.debug("stop advertising: %s", exc)
+            await self.device.power_off()
+
     async def _advertise(self) -> None:
         advert, response = advertising_data(self.name)
         await self.device.start_advertising(
@@ -208,3 +223,77 @@ class BumbleTrainer:
         await self.device.indicate_subscriber(connection, self.control_point, response)
         if status is not None:
             await self.device.notify_subscribers(self.machine_status, status)
+
+
+def static_address(seed: str) -> Address:
+    """A random static address derived from ``seed`` (the bike id): the same on every
+    start, so a phone or app that remembers the trainer finds it again."""
+    raw = bytearray(hashlib.sha256(seed.encode()).digest()[:6])
+    raw[5] |= 0xC0  # the two top bits of a random static address are 1 (Core 5.3 Vol 6 B 1.3)
+    return Address(bytes(raw), Address.RANDOM_DEVICE_ADDRESS)
+
+
+class BumbleBackend:
+    """A :class:`BumbleTrainer` on its own HCI transport (``usb:0``, ``hci-socket:0``,
+    ``tcp-client:host:port``...): the daemon's ``bumble`` backend.
+
+    :meth:`run` returns when the transport goes away (a dongle unplugged), so the
+    daemon opens it again.
+    """
+
+    def __init__(self, control: ControlPoint, state: BikeState, *, name: str,
+                 transport: str, seed: str) -> None:
+        self.control = control
+        self.state = state
+        self.name = name
+        self.spec = transport
+        self.seed = seed
+        self._transport: Any = None
+        self._trainer: BumbleTrainer | None = None
+
+    async def start(self) -> None:
+        """Open the transport, power on and advertise."""
+        try:
+            self._transport = await open_transport(self.spec)
+        except Exception as exc:
+            raise BluetoothUnavailable(
+                f"Bluetooth: cannot open bumble transport {self.spec}: {exc}") from exc
+        device = Device.with_hci(self.name, static_address(self.seed),
+                                 self._transport.source, self._transport.sink)
+        self._trainer = BumbleTrainer(device, self.control, self.state, name=self.name)
+        try:
+            await asyncio.wait_for(self._trainer.start(), 10.0)
+        except (TimeoutError, OSError) as exc:
+            raise BluetoothUnavailable(
+                f"Bluetooth: the controller on {self.spec} does not answer ({exc!r})") from exc
+
+    async def run(self, period: float, stop: asyncio.Event) -> None:
+        """Notify until ``stop`` is set or the transport is lost."""
+        assert self._trainer is not None, "start() first"
+        lost = self._transport.source.terminated
+        notifying = asyncio.ensure_future(self._trainer.run(period, stop))
+        try:
+            await asyncio.wait([notifying, lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            notifying.cancel()
+        if lost.done() and not stop.is_set():
+            log.warning("Bluetooth: transport %s lost", self.spec)
+
+    def control_lost(self, reason: str) -> None:
+        """An MQTT app took over (any thread)."""
+        if self._trainer is not None:
+            self._trainer.control_lost(reason)
+        else:
+            self.control.revoke(reason)
+
+    async def close(self) -> None:
+        """Stop advertising, close the transport; safe to call twice."""
+        trainer, transport = self._trainer, self._transport
+        self._trainer = self._transport = None
+        if trainer is not None and not transport.source.terminated.done():
+            try:
+                await asyncio.wait_for(trainer.close(), 2.0)
+            except Exception as exc:
+                log.debug("closing the bumble device: %s", exc)
+        if transport is not None:
+            await transport.close()

@@ -38,6 +38,10 @@ from smartbiked.ftms import (
 )
 from smartbiked.topics import GRADE_PARAMS, Limits
 
+#: The command topics FTMS requests turn into: an MQTT command on one of these takes
+#: control from a Bluetooth app.
+FTMS_TOPICS = frozenset({"resistance", "targetpower", "grade", "incline"})
+
 #: ``submit(topic, payload)``: None when the command was taken, else why not.
 Submit = Callable[[str, bytes], "str | None"]
 

@@ -22,7 +22,8 @@ Subclasses **must**:
 Subclasses **may** override :meth:`Driver.close` (release pins and ports),
 :meth:`Driver.check_settings` (checks between keys), :meth:`Sensor.start` (push
 readings as they arrive instead of waiting to be read), :meth:`Sensor.stale_reason`,
-and :meth:`Actuator.apply_async` (move without blocking the hardware thread, e.g. on
+:meth:`Sensor.watch_revolutions` (count crank or wheel revolutions), and
+:meth:`Actuator.apply_async` (move without blocking the hardware thread, e.g. on
 a board's thread). A driver on a shared :class:`Board` sets ``self.board`` to it, so the
 bike can tell which topics a lost board takes with it.
 """
@@ -521,6 +522,15 @@ class Sensor(Driver):
 
         Default: nothing (the sensor is read on its interval).
         """
+
+    def watch_revolutions(self, callback: Callable[[int, float], None]) -> bool:
+        """May count revolutions: call ``callback(count, at)`` from any thread for whole
+        crank or wheel revolutions, ``at`` on the hardware clock. True if it will.
+
+        Default: False (Bluetooth Cycling Power then leaves revolution data out rather
+        than make it up from the cadence).
+        """
+        return False
 
     def stale_reason(self) -> str:
         """Why there is no fresh reading (for the health report); may be overridden."""

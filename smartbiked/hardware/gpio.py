@@ -432,7 +432,14 @@ class GpioPulseSensor(_OneDevice, Sensor):
             "pulse input", settings["pin"],
             lambda: DigitalInputDevice(settings["pin"], pull_up=settings["pull_up"],
                                        pin_factory=hardware.pin_factory))
+        self._pulses = 0  # counted edges, for whole revolutions
+        self._revolution: Callable[[int, float], None] | None = None
         self._device.when_activated = self._edge
+
+    def watch_revolutions(self, callback: Callable[[int, float], None]) -> bool:
+        """Every ``pulses_per_revolution`` counted edges are one revolution."""
+        self._revolution = callback
+        return True
 
     def _edge(self) -> None:
         try:
@@ -446,6 +453,11 @@ class GpioPulseSensor(_OneDevice, Sensor):
                         # After a stop the gap is no revolution: start measuring afresh.
                         self._edges.clear()
                 self._edges.append(now)
+                self._pulses += 1
+                whole = self._pulses % self._per_rev == 0
+            callback = self._revolution
+            if whole and callback is not None:
+                callback(1, now)
         except Exception:
             log.exception("%s: pulse edge lost", self.topic)
 

@@ -1,0 +1,22 @@
+"""The ``[ble]`` table: the bike as a Bluetooth smart trainer (checked by config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: The backends, and the Python package each needs (the ``ble`` extra installs both).
+BACKENDS = {"bluez": "dbus_fast", "bumble": "bumble"}
+
+
+@dataclass(frozen=True)
+class BleSettings:
+    """The ``[ble]`` table."""
+
+    enabled: bool = False
+    backend: str = "bluez"
+    adapter: str = "hci0"
+    transport: str = "usb:0"
+    name: str = ""
+    notify_period: float = 1.0
+    resistance_levels: float = 20.0
+    stale_after: float = 5.0
