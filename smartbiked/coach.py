@@ -18,7 +18,7 @@ from typing import Any
 
 from smartbiked.config import Config
 from smartbiked.topics import Command, mode_payload, topic_path
-from smartbiked.trainer import Trainer
+from smartbiked.trainer import RESISTANCE, Trainer
 
 log = logging.getLogger("smartbiked.coach")
 
@@ -85,11 +85,19 @@ class Coach:
         with self._lock:
             self.trainer.reading(topic, value)
 
-    def set_controller(self, controller: str) -> None:
-        """Control changed hands ("mqtt" or "bluetooth"): the mode report says so."""
+    def set_controller(self, controller: str, release: str | None = None) -> None:
+        """Control changed hands ("mqtt" or "bluetooth"): the mode report says so.
+
+        ``release``: also leave ERG or simulation (resistance holds), for this reason.
+        One report says both: retained state is coalesced, so a second one sent right
+        after would hide the first one's reason.
+        """
         with self._lock:
-            if controller != self.controller:
-                self.controller = controller
+            changed = controller != self.controller
+            self.controller = controller
+            if release is not None and self.trainer.mode != RESISTANCE:
+                self.trainer.release(release)  # announces, with the new controller
+            elif changed:
                 self._announce(self.trainer.report())
 
     def release(self, reason: str) -> None:

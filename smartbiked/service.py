@@ -431,11 +431,9 @@ class Service:
         """Bluetooth control changed hands: the mode report and health say so; a mode
         the app set is left when it lets go (resistance holds)."""
         log.info("Bluetooth control: %s (%s)", controller or "released", reason)
-        coach = self.coach
-        if coach is not None:
-            if controller is None:
-                coach.release(reason)
-            coach.set_controller("mqtt" if controller is None else "bluetooth")
+        if self.coach is not None:
+            self.coach.set_controller("mqtt" if controller is None else "bluetooth",
+                                      release=reason if controller is None else None)
         self._health_due.set()
 
     def _coach_command(self, command: Command, replies: list[Reply]) -> str | None:

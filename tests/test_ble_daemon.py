@@ -153,15 +153,18 @@ def test_a_training_app_finds_rides_and_controls_the_running_bike(
     assert air.call(app.command("0414")) == (0x04, ftms.CONTROL_NOT_PERMITTED)
 
     # A request out of the bike's range moves nothing.
+    mark = len(probe.messages)
     assert air.call(app.command("00")) == (0x00, ftms.SUCCESS)
     assert air.call(app.command("04ff")) == (0x04, ftms.INVALID_PARAMETER)
+    assert air.call(app.command("05c800")) == (0x05, ftms.SUCCESS)
+    mode(probe, mark, lambda d: d["mode"] == "erg" and d["target"] == 200.0)
 
-    # The app's link drops: control returns to MQTT.
+    # The app's link drops: ERG is left with the resistance held, control returns to MQTT.
     mark = len(probe.messages)
     air.call(app.peer.connection.disconnect())
+    left = mode(probe, mark, lambda d: d["mode"] == "resistance")
+    assert "disconnected" in left["reason"] and left["controller"] == "mqtt"
     mode(probe, mark, lambda d: d["controller"] == "mqtt")
-    assert not [m for m in probe.messages[mark:] if m.topic == "bike/000001/resistance/report"
-                and json.loads(m.payload)["value"] != 40.0]
 
 
 def test_without_its_radio_the_bike_rides_on_mqtt_and_finds_the_radio_when_it_comes(
