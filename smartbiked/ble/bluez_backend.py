@@ -529,7 +529,8 @@ class BluezTrainer:
             # indications (StartNotify/StopNotify), so a second central is let through
             # when another one subscribed. And bluetoothd maps this error to 0x03 (Write
             # Not Permitted): BlueZ 5.66 (Debian 12, Pi OS bookworm) has no D-Bus error
-            # that becomes 0xFD.
+            # that becomes 0xFD; a 2024 change (bluez/bluez#827) maps
+            # org.bluez.Error.ImproperlyConfigured to it, but older ones send 0x0E for it.
             raise DBusError(NOT_PERMITTED, "indications on the control point are not enabled")
         device = options.get("device")
         if device is None:
