@@ -186,3 +186,41 @@ def test_without_its_radio_the_bike_rides_on_mqtt_and_finds_the_radio_when_it_co
     # The missing radio was logged once, not once per try.
     wait_until(lambda: "advertising as" in daemon.output(), what="the recovery logged")
     assert daemon.output().count("cannot open bumble transport") == 1
+
+
+def test_the_default_backend_registers_with_bluez_and_runs_the_same_commands(
+        broker, probe, run_daemon):
+    """backend = "bluez" (the default): the daemon on a private bus standing in for the
+    system bus, where a fake bluetoothd reads its services and plays the app."""
+    from tests.fake_bluez import FakeBluez, private_bus
+
+    with private_bus() as address:
+        space = Air()
+        try:
+            bluez = space.call(FakeBluez(address, powered=True).start())
+            run_daemon(bike_config(broker, FULL + "[trainer]\nenabled = true\n"
+                                   "[ble]\nenabled = true\n"),
+                       "--simulate", DBUS_SYSTEM_BUS_ADDRESS=address)
+            probe.json("bike/000001/health", lambda d: d.get("bluetooth", {}).get("state")
+                       == "advertising", timeout=20)
+            assert bluez.advert["LocalName"] == NAME
+            device = bluez.connect("AA:BB:CC:DD:EE:01")
+            space.call(bluez.start_notify(ftms.CONTROL_POINT))
+            space.call(bluez.start_notify(ftms.INDOOR_BIKE_DATA))
+            data = ftms.decode_indoor_bike_data(space.call(bluez.next(ftms.INDOOR_BIKE_DATA)))
+            assert data.cadence is not None
+
+            mark = len(probe.messages)
+            for request in ("00", "05fa00"):
+                space.call(bluez.write(ftms.CONTROL_POINT, bytes.fromhex(request), device))
+                assert ftms.decode_response(space.call(bluez.next(ftms.CONTROL_POINT)))[1] \
+                    == ftms.SUCCESS
+            erg = mode(probe, mark, lambda d: d["mode"] == "erg")
+            assert (erg["target"], erg["controller"]) == (250.0, "bluetooth")
+
+            mark = len(probe.messages)
+            bluez.disconnect(device)
+            left = mode(probe, mark, lambda d: d["mode"] == "resistance")
+            assert left["controller"] == "mqtt"
+        finally:
+            space.close()
