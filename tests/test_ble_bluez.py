@@ -389,3 +389,21 @@ def test_an_advertisement_bluez_released_is_not_unregistered(bus_address):
         bluez.stop()
 
     run(scenario())
+
+
+def test_run_returns_when_the_bus_connection_is_lost(bus_address):
+    """The daemon's retry loop starts again from start(): run() must not notify into a
+    dead connection forever (a dbus-daemon restart, an OOM kill)."""
+    async def scenario():
+        bluez, trainer = await _bike(bus_address)
+        stop = asyncio.Event()
+        running = asyncio.ensure_future(trainer.run(0.05, stop))
+        await bluez.start_notify(ftms.INDOOR_BIKE_DATA)
+        await bluez.next(ftms.INDOOR_BIKE_DATA)
+        trainer._bus.disconnect()  # the connection drops under the backend
+        await asyncio.wait_for(running, 5)
+        assert not stop.is_set()
+        await trainer.close()
+        bluez.stop()
+
+    run(scenario())

@@ -314,16 +314,24 @@ class BluezTrainer:
             raise
 
     async def run(self, period: float, stop: asyncio.Event) -> None:
-        """Notify every ``period`` seconds until ``stop`` is set."""
-        while not stop.is_set():
+        """Notify every ``period`` seconds until ``stop`` is set, or until the D-Bus
+        connection is lost (the daemon then starts again from :meth:`start`)."""
+        bus = self._bus
+        if bus is None:
+            return
+        # The bus's own future: waited on, never cancelled (close() waits on it too).
+        lost = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+        while not stop.is_set() and not lost.done():
             try:
                 self.notify()
             except Exception:
                 log.exception("Bluetooth notification failed")
-            try:
-                await asyncio.wait_for(stop.wait(), period)
-            except TimeoutError:
-                pass
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({stopped, lost}, timeout=period,
+                               return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+        if not stop.is_set():
+            log.warning("Bluetooth: the D-Bus connection was lost")
 
     def notify(self) -> None:
         """Notify the current readings to the subscribers (call once a second or so)."""
