@@ -378,6 +378,9 @@ _BLE = (
     Option("stale_after", (float,), 5.0,
            "seconds after which a reading is left out of the notifications (an app "
            "shows nothing rather than a stuck value)", between(1, 60)),
+    Option("incline", (bool,), False,
+           "let Bluetooth apps tilt the [incline] actuator (Set Target Inclination): "
+           "any app in range could move the frame under a rider, so off by default"),
 )
 #: The fixed tables in the order the configuration reference shows them.
 TABLES = (("[bike]", _BIKE), ("[broker]", _BROKER), ("[service]", _SERVICE),

@@ -176,8 +176,8 @@ class Service:
     def _make_radio(self, config: configuration.Config) -> Radio | None:
         if not config.ble.enabled:
             return None
-        radio = Radio(config.ble, self.limits, self.bluetooth_command, self._bluetooth_control,
-                      name=config.ble_name, seed=config.bike_id)
+        radio = Radio(config.ble, config.ble.limits(self.limits), self.bluetooth_command,
+                      self._bluetooth_control, name=config.ble_name, seed=config.bike_id)
         self.bike.on_revolutions = radio.revolutions
         return radio
 
@@ -327,7 +327,7 @@ class Service:
         self.config = new
         self.limits = new.control_limits()
         if self.radio is not None:
-            self.radio.control.limits = dict(self.limits)
+            self.radio.control.limits = new.ble.limits(self.limits)
         self.coach = self._make_coach(new)
         if self.coach is not None:
             self.coach.start(self._offline_too_long)
@@ -424,8 +424,10 @@ class Service:
         bike_id = self.config.bike_id
         if self._stopping.is_set():
             return "the bike is stopping"
+        # The Bluetooth limits again, not only the Control Point's: the incline stays
+        # out of reach unless [ble] incline says otherwise, whatever asks for it.
         return self.command(parse_command(topic_path(bike_id, topic, "control"), payload,
-                                          bike_id, self.limits))
+                                          bike_id, self.config.ble.limits(self.limits)))
 
     def _bluetooth_control(self, controller: str | None, reason: str) -> None:
         """Bluetooth control changed hands: the mode report and health say so; a mode

@@ -126,6 +126,8 @@ def test_a_training_app_finds_rides_and_controls_the_running_bike(
     mark = len(probe.messages)
     assert air.call(app.command("00")) == (0x00, ftms.SUCCESS)
     mode(probe, mark, lambda d: d["controller"] == "bluetooth")
+    # The incline is not a Bluetooth app's to tilt unless [ble] incline = true.
+    assert air.call(app.command("030a00")) == (0x03, ftms.OP_NOT_SUPPORTED)
     assert air.call(app.command("05fa00")) == (0x05, ftms.SUCCESS)
     erg = mode(probe, mark, lambda d: d["mode"] == "erg")
     assert (erg["target"], erg["controller"]) == (250.0, "bluetooth")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -602,6 +603,10 @@ def test_bluetooth_settings_and_their_defaults(tmp_path):
     assert (cfg.ble.enabled, cfg.ble.backend, cfg.ble.transport) == (True, "bumble",
                                                                       "hci-socket:0")
     assert cfg.ble_name == "Vélo 7" and cfg.ble.resistance_levels == 25.5
+    # Bluetooth apps get what MQTT apps get, but the incline only on request.
+    mqtt = {"resistance": Limits(0, 100), "incline": Limits(-10, 19, 0.5)}
+    assert set(cfg.ble.limits(mqtt)) == {"resistance"}
+    assert set(dataclasses.replace(cfg.ble, incline=True).limits(mqtt)) == set(mqtt)
 
 
 def test_bad_bluetooth_settings_are_named(tmp_path):

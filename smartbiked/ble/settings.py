@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from smartbiked.topics import Limits
 
 #: The backends, and the Python package each needs (the ``ble`` extra installs both).
 BACKENDS = {"bluez": "dbus_fast", "bumble": "bumble"}
@@ -20,3 +23,10 @@ class BleSettings:
     notify_period: float = 1.0
     resistance_levels: float = 20.0
     stale_after: float = 5.0
+    incline: bool = False
+
+    def limits(self, control_limits: Mapping[str, Limits]) -> dict[str, Limits]:
+        """What Bluetooth apps may command, of what MQTT apps may: the incline only
+        with ``incline = true``."""
+        return {topic: limits for topic, limits in control_limits.items()
+                if topic != "incline" or self.incline}
