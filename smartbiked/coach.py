@@ -33,7 +33,8 @@ class Coach:
     """One bike's trainer, safe to call from any thread."""
 
     def __init__(self, config: Config, submit: Callable[[Command], None],
-                 publish_state: Callable[[str, dict[str, Any]], None]) -> None:
+                 publish_state: Callable[[str, dict[str, Any]], None],
+                 controller: str = "mqtt") -> None:
         limits = config.actuator_limits()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -41,7 +42,10 @@ class Coach:
         self._publish_state = publish_state
         #: Who controls the bike, shown in the mode report: "mqtt" (any MQTT app; also
         #: nobody) or "bluetooth" (a Bluetooth app holds FTMS control).
-        self.controller = "mqtt"
+        self.controller = controller
+        #: Who set the ERG or simulation running ("mqtt" or "bluetooth"): only a mode a
+        #: Bluetooth app set is left when that app lets go of control.
+        self.owner = "mqtt"
         self.trainer = Trainer(
             config.trainer, limits["resistance"],
             submit=lambda percent: submit(Command("resistance", percent)),
@@ -51,11 +55,12 @@ class Coach:
 
     @classmethod
     def create(cls, config: Config, submit: Callable[[Command], None],
-               publish_state: Callable[[str, dict[str, Any]], None]) -> Coach | None:
+               publish_state: Callable[[str, dict[str, Any]], None],
+               controller: str = "mqtt") -> Coach | None:
         """A coach when ``[trainer] enabled`` and the bike has a resistance actuator."""
         if not config.trainer.enabled or "resistance" not in config.actuator_limits():
             return None
-        return cls(config, submit, publish_state)
+        return cls(config, submit, publish_state, controller)
 
     def _announce(self, body: dict[str, Any]) -> None:
         if self._stop.is_set():
@@ -65,12 +70,22 @@ class Coach:
         self._publish_state(topic_path(cfg.bike_id, "mode", "report"),
                             mode_payload(body, time.time(), cfg.device_name))
 
-    def command(self, command: Command) -> str | None:
-        """A ``targetpower`` or ``grade`` command: None when taken, else the refusal reason."""
+    def command(self, command: Command, source: str = "mqtt", *,
+                tilt: bool = True) -> str | None:
+        """A ``targetpower`` or ``grade`` command from ``source`` ("mqtt" or "bluetooth"):
+        None when taken, else the refusal reason. ``tilt=False``: a grade never tilts."""
         with self._lock:
             if self._stop.is_set():  # replaced by a reload, or stopping
                 return "the trainer is restarting: send the command again"
-            return self.trainer.command(command)
+            why = self.trainer.command(command, tilt=tilt)
+            if why is None and self.trainer.mode != RESISTANCE:
+                self.owner = source
+            return why
+
+    def mode_owner(self) -> str | None:
+        """Who set the running ERG or simulation; None in the resistance mode."""
+        with self._lock:
+            return None if self.trainer.mode == RESISTANCE else self.owner
 
     def app_command(self, command: Command) -> None:
         """An app moved resistance or incline itself: resistance leaves ERG/simulation."""
@@ -88,14 +103,16 @@ class Coach:
     def set_controller(self, controller: str, release: str | None = None) -> None:
         """Control changed hands ("mqtt" or "bluetooth"): the mode report says so.
 
-        ``release``: also leave ERG or simulation (resistance holds), for this reason.
+        ``release``: also leave an ERG or simulation a Bluetooth app set (resistance
+        holds), for this reason; an MQTT app's mode runs on.
         One report says both: retained state is coalesced, so a second one sent right
         after would hide the first one's reason.
         """
         with self._lock:
             changed = controller != self.controller
             self.controller = controller
-            if release is not None and self.trainer.mode != RESISTANCE:
+            if (release is not None and self.trainer.mode != RESISTANCE
+                    and self.owner == "bluetooth"):
                 self.trainer.release(release)  # announces, with the new controller
             elif changed:
                 self._announce(self.trainer.report())

@@ -378,6 +378,10 @@ _BLE = (
     Option("stale_after", (float,), 5.0,
            "seconds after which a reading is left out of the notifications (an app "
            "shows nothing rather than a stuck value)", between(1, 60)),
+    Option("mqtt_hold", (float,), 30.0,
+           "seconds after an MQTT app's last resistance, incline, targetpower or grade "
+           "command during which no Bluetooth app may take control (an MQTT app's ERG or "
+           "simulation holds it as long as it runs)", between(0, 3600)),
     Option("incline", (bool,), False,
            "let Bluetooth apps tilt the [incline] actuator (Set Target Inclination): "
            "any app in range could move the frame under a rider, so off by default"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import queue
 import random
 import signal
@@ -154,6 +155,9 @@ class Service:
         self.bike = Bike(config, hardware, self)
         self.client = BikeConnection(self)
         self.outbox = Outbox(self.client)
+        #: When an MQTT app last sent an FTMS-like command (resistance, incline,
+        #: targetpower, grade), on the monotonic clock: it holds control for a while.
+        self._mqtt_commanded = -math.inf
         self.radio = self._make_radio(config)
         self.coach = self._make_coach(config)
         self.started = time.monotonic()
@@ -167,17 +171,17 @@ class Service:
         self._exit_status = 0
 
     def _make_coach(self, config: configuration.Config) -> Coach | None:
-        coach = Coach.create(config, lambda command: self.bike.submit(command, None),
-                             self.outbox.state)
-        if coach is not None and self.radio is not None and self.radio.control.controller:
-            coach.controller = "bluetooth"  # a reload does not take control from the app
-        return coach
+        # A reload does not take control from a Bluetooth app that holds it.
+        held = self.radio is not None and self.radio.control.controller is not None
+        return Coach.create(config, lambda command: self.bike.submit(command, None),
+                            self.outbox.state, "bluetooth" if held else "mqtt")
 
     def _make_radio(self, config: configuration.Config) -> Radio | None:
         if not config.ble.enabled:
             return None
         radio = Radio(config.ble, config.ble.limits(self.limits), self.bluetooth_command,
-                      self._bluetooth_control, name=config.ble_name, seed=config.bike_id)
+                      self._bluetooth_control, name=config.ble_name, seed=config.bike_id,
+                      may_take=self._bluetooth_may_take)
         self.bike.on_revolutions = radio.revolutions
         return radio
 
@@ -270,7 +274,9 @@ class Service:
         notify("STOPPING=1", "STATUS=stopping: actuators to safe values")
         self._stopping.set()
         if self.radio is not None:
-            self.radio.stop()  # no Bluetooth command may move anything from here on
+            # Asked only: _stopping already refuses its commands, and a hung bluetoothd
+            # must not hold up the safe values. Waited for below.
+            self.radio.stop(timeout=0)
         if self.coach is not None:
             self.coach.release("stopping")
             self.coach.stop()
@@ -282,6 +288,8 @@ class Service:
         # meanwhile, the will says "lost" instead.
         self.outbox.drain(timeout=1.5)
         self.outbox.close()
+        if self.radio is not None:
+            self.radio.stop(timeout=2.0)
         self.client.disconnect()
         handlers = logging.getLogger().handlers
         guard = logs.flood_guard(handlers[0]) if handlers else None
@@ -321,7 +329,9 @@ class Service:
         if new == old:
             log.info("reloaded %s: nothing changed", new.path)
             return True, "configuration reloaded", "nothing changed"
+        bluetooth_mode = False
         if self.coach is not None:
+            bluetooth_mode = self.coach.mode_owner() == "bluetooth"
             self.coach.release("configuration reloaded")
             self.coach.stop()
         self.config = new
@@ -331,6 +341,10 @@ class Service:
         self.coach = self._make_coach(new)
         if self.coach is not None:
             self.coach.start(self._offline_too_long)
+        if bluetooth_mode and self.radio is not None:
+            # Its ERG or simulation was left: the app must hear so and ask again, not
+            # believe it still runs.
+            self.radio.control_lost("configuration reloaded: ask for control again")
         if self.bike.reload(new) is False:
             log.error("the hardware thread did not apply the new configuration in time")
             return False, "reload not confirmed", "the hardware thread did not answer in time"
@@ -401,18 +415,24 @@ class Service:
             # One controller at a time, and an MQTT app (the game, an operator) always
             # gets it: a Bluetooth app holding control is told Control Permission Lost
             # (its ERG or simulation is left) before this command runs.
-            self.radio.control_lost(f"an MQTT app sent a {result.topic} command")
+            self._mqtt_commanded = time.monotonic()
+            try:
+                self.radio.control_lost(f"an MQTT app sent a {result.topic} command")
+            except Exception:  # the MQTT command must run whatever Bluetooth does
+                log.exception("revoking Bluetooth control failed")
         self.command(result, reply)
 
-    def command(self, result: Command | Refusal, reply: Reply | None = None) -> str | None:
-        """Refuse or carry out a parsed command, from MQTT or Bluetooth: None when taken,
-        else the reason (also said on the topic's status and to ``reply``)."""
+    def command(self, result: Command | Refusal, reply: Reply | None = None,
+                source: str = "mqtt") -> str | None:
+        """Refuse or carry out a parsed command from ``source`` ("mqtt" or "bluetooth"):
+        None when taken, else the reason (also said on the topic's status and to
+        ``reply``)."""
         replies = [reply] if reply else []
         if isinstance(result, Refusal):
             self._refuse(result, replies)
             return result.reason
         if result.topic in TRAINER_TOPICS:
-            return self._coach_command(result, replies)
+            return self._coach_command(result, replies, source)
         if self.coach is not None:
             self.coach.app_command(result)
         self.bike.submit(result, reply)
@@ -427,7 +447,18 @@ class Service:
         # The Bluetooth limits again, not only the Control Point's: the incline stays
         # out of reach unless [ble] incline says otherwise, whatever asks for it.
         return self.command(parse_command(topic_path(bike_id, topic, "control"), payload,
-                                          bike_id, self.config.ble.limits(self.limits)))
+                                          bike_id, self.config.ble.limits(self.limits)),
+                            source="bluetooth")
+
+    def _bluetooth_may_take(self) -> str | None:
+        """Why a Bluetooth app may not take control now: an MQTT app holds the bike."""
+        hold = self.config.ble.mqtt_hold
+        if time.monotonic() - self._mqtt_commanded < hold:
+            return f"an MQTT app commanded the bike in the last {hold:g} s"
+        coach = self.coach
+        if coach is not None and coach.mode_owner() == "mqtt":
+            return "an MQTT app's ERG or simulation is running"
+        return None
 
     def _bluetooth_control(self, controller: str | None, reason: str) -> None:
         """Bluetooth control changed hands: the mode report and health say so; a mode
@@ -438,8 +469,11 @@ class Service:
                                       release=reason if controller is None else None)
         self._health_due.set()
 
-    def _coach_command(self, command: Command, replies: list[Reply]) -> str | None:
-        why = (self.coach.command(command) if self.coach is not None
+    def _coach_command(self, command: Command, replies: list[Reply],
+                       source: str = "mqtt") -> str | None:
+        # A grade from Bluetooth tilts the frame only with [ble] incline.
+        tilt = source != "bluetooth" or self.config.ble.incline
+        why = (self.coach.command(command, source, tilt=tilt) if self.coach is not None
                else "this bike has no trainer ([trainer] enabled = false)")
         if why is not None:
             self._refuse(Refusal(command.topic, why, self.limits.get(command.topic)), replies)

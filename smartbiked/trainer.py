@@ -247,8 +247,12 @@ class Trainer:
 
     # -- commands -------------------------------------------------------------------------
 
-    def command(self, cmd: Command) -> str | None:
-        """Apply a ``targetpower`` or ``grade`` command; None when accepted, else why not."""
+    def command(self, cmd: Command, *, tilt: bool = True) -> str | None:
+        """Apply a ``targetpower`` or ``grade`` command; None when accepted, else why not.
+
+        ``tilt=False``: a grade never tilts the frame, whatever ``incline_follows_grade``
+        says (a Bluetooth app without ``[ble] incline``).
+        """
         now = self._clock()
         if cmd.topic == "targetpower":
             if cmd.value == 0:
@@ -274,7 +278,8 @@ class Trainer:
             self.mode, self.target, self.params = SIM, cmd.value, dict(cmd.params)
             if entering:
                 self._start(now)
-            self._tilting = self.settings.incline_follows_grade and self._submit_incline is not None
+            self._tilting = (tilt and self.settings.incline_follows_grade
+                             and self._submit_incline is not None)
             self._announce_mode()
             return None
         return f"{cmd.topic} is not a trainer command"

@@ -10,10 +10,12 @@ daemon's host stack up is the real thing; only the radio is emulated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -84,6 +86,7 @@ enabled = true
 backend = "bumble"
 transport = "tcp-client:127.0.0.1:{air.port}"
 notify_period = 0.25
+mqtt_hold = 5
 """)
 
 
@@ -146,17 +149,25 @@ def test_a_training_app_finds_rides_and_controls_the_running_bike(
     probe.json("bike/000001/resistance/report", lambda d: d["value"] == 15.0, after=mark)
     mode(probe, mark, lambda d: d["mode"] == "resistance")
 
-    # An MQTT app takes over: the Bluetooth app hears Control Permission Lost.
+    # An MQTT app takes over in the middle of the app's ERG: the app hears Control
+    # Permission Lost, its ERG is left, the MQTT command runs.
+    assert air.call(app.command("05fa00")) == (0x05, ftms.SUCCESS)
+    mode(probe, mark, lambda d: d["mode"] == "erg")
     mark = len(probe.messages)
     send(broker, "bike/000001/resistance/control", b"40")
     assert air.call(app.next(ftms.MACHINE_STATUS, lambda v: v == ftms.CONTROL_LOST))
-    mode(probe, mark, lambda d: d["controller"] == "mqtt")
+    taken = mode(probe, mark, lambda d: d["controller"] == "mqtt")
+    assert taken["mode"] == "resistance" and "MQTT" in taken["reason"]
     probe.json("bike/000001/resistance/report", lambda d: d["value"] == 40.0, after=mark)
     assert air.call(app.command("0414")) == (0x04, ftms.CONTROL_NOT_PERMITTED)
+    # The MQTT app holds the bike for mqtt_hold seconds after its command, then the
+    # Bluetooth app may ask again.
+    assert air.call(app.command("00")) == (0x00, ftms.CONTROL_NOT_PERMITTED)
+    wait_until(lambda: air.call(app.command("00")) == (0x00, ftms.SUCCESS), timeout=20,
+               what="control after mqtt_hold")
 
     # A request out of the bike's range moves nothing.
     mark = len(probe.messages)
-    assert air.call(app.command("00")) == (0x00, ftms.SUCCESS)
     assert air.call(app.command("04ff")) == (0x04, ftms.INVALID_PARAMETER)
     assert air.call(app.command("05c800")) == (0x05, ftms.SUCCESS)
     mode(probe, mark, lambda d: d["mode"] == "erg" and d["target"] == 200.0)
@@ -190,39 +201,124 @@ def test_without_its_radio_the_bike_rides_on_mqtt_and_finds_the_radio_when_it_co
     assert daemon.output().count("cannot open bumble transport") == 1
 
 
-def test_the_default_backend_registers_with_bluez_and_runs_the_same_commands(
-        broker, probe, run_daemon):
-    """backend = "bluez" (the default): the daemon on a private bus standing in for the
-    system bus, where a fake bluetoothd reads its services and plays the app."""
+@contextlib.contextmanager
+def bluez_bike(broker: Any, probe: Any, run_daemon: Any, ble: str) -> Iterator[Any]:
+    """The daemon with backend = "bluez" on a private bus standing in for the system
+    bus, where a fake bluetoothd reads its services and plays a connected app."""
     from tests.fake_bluez import FakeBluez, private_bus
 
     with private_bus() as address:
         space = Air()
         try:
             bluez = space.call(FakeBluez(address, powered=True).start())
-            run_daemon(bike_config(broker, FULL + "[trainer]\nenabled = true\n"
-                                   "[ble]\nenabled = true\n"),
-                       "--simulate", DBUS_SYSTEM_BUS_ADDRESS=address)
+            daemon = run_daemon(bike_config(broker, FULL + ble), "--simulate",
+                                DBUS_SYSTEM_BUS_ADDRESS=address)
             probe.json("bike/000001/health", lambda d: d.get("bluetooth", {}).get("state")
                        == "advertising", timeout=20)
-            assert bluez.advert["LocalName"] == NAME
+            probe.json("bike/000001/power/report")  # ERG needs a fresh power reading
+            probe.json("bike/000001/speed/report")  # and simulation a speed
             device = bluez.connect("AA:BB:CC:DD:EE:01")
-            space.call(bluez.start_notify(ftms.CONTROL_POINT))
-            space.call(bluez.start_notify(ftms.INDOOR_BIKE_DATA))
-            data = ftms.decode_indoor_bike_data(space.call(bluez.next(ftms.INDOOR_BIKE_DATA)))
-            assert data.cadence is not None
+            for uuid16 in (ftms.CONTROL_POINT, ftms.MACHINE_STATUS, ftms.INDOOR_BIKE_DATA):
+                space.call(bluez.start_notify(uuid16))
 
-            mark = len(probe.messages)
-            for request in ("00", "05fa00"):
-                space.call(bluez.write(ftms.CONTROL_POINT, bytes.fromhex(request), device))
-                assert ftms.decode_response(space.call(bluez.next(ftms.CONTROL_POINT)))[1] \
-                    == ftms.SUCCESS
-            erg = mode(probe, mark, lambda d: d["mode"] == "erg")
-            assert (erg["target"], erg["controller"]) == (250.0, "bluetooth")
+            def request(hex_bytes: str) -> int:
+                space.call(bluez.write(ftms.CONTROL_POINT, bytes.fromhex(hex_bytes), device))
+                return ftms.decode_response(space.call(bluez.next(ftms.CONTROL_POINT)))[1]
 
-            mark = len(probe.messages)
-            bluez.disconnect(device)
-            left = mode(probe, mark, lambda d: d["mode"] == "resistance")
-            assert left["controller"] == "mqtt"
+            yield SimpleNamespace(space=space, bluez=bluez, daemon=daemon, device=device,
+                                  request=request)
         finally:
             space.close()
+
+
+def test_the_default_backend_registers_with_bluez_and_runs_the_same_commands(
+        broker, probe, run_daemon):
+    """backend = "bluez" (the default); also who may hold the bike, and reloads while a
+    Bluetooth app does."""
+    from tests.test_reload import reload
+
+    with bluez_bike(broker, probe, run_daemon,
+                    "[trainer]\nenabled = true\n[ble]\nenabled = true\nmqtt_hold = 0\n") as bike:
+        space, bluez, daemon, request = bike.space, bike.bluez, bike.daemon, bike.request
+        assert bluez.advert["LocalName"] == NAME
+        data = ftms.decode_indoor_bike_data(space.call(bluez.next(ftms.INDOOR_BIKE_DATA)))
+        assert data.cadence is not None
+
+        # The game's ERG holds the bike: a Bluetooth app may neither take control
+        # nor, by letting go, end the game's workout.
+        mark = len(probe.messages)
+        send(broker, "bike/000001/targetpower/control", b"180")
+        mode(probe, mark, lambda d: d["mode"] == "erg")
+        assert request("00") == ftms.CONTROL_NOT_PERMITTED
+        assert request("04c8") == ftms.CONTROL_NOT_PERMITTED
+        mark = len(probe.messages)
+        send(broker, "bike/000001/targetpower/control", b"0")
+        mode(probe, mark, lambda d: d["mode"] == "resistance")
+
+        # The game is done: the app takes control and runs ERG.
+        mark = len(probe.messages)
+        for hex_bytes in ("00", "05fa00"):
+            assert request(hex_bytes) == ftms.SUCCESS
+        erg = mode(probe, mark, lambda d: d["mode"] == "erg")
+        assert (erg["target"], erg["controller"]) == (250.0, "bluetooth")
+
+        # A reload while the app holds control: its ERG is left, and it hears so.
+        config = daemon.config.read_text().replace(
+            "[resistance]\ndriver = \"gpio_pwm\"\npin = 12\n",
+            "[resistance]\ndriver = \"gpio_pwm\"\npin = 12\nmax = 50\n")
+        assert "max = 50" in config
+        daemon.config.write_text(config)
+        mark = len(probe.messages)
+        assert reload(daemon).returncode == 0
+        while space.call(bluez.next(ftms.MACHINE_STATUS)) != ftms.CONTROL_LOST:
+            pass  # the target power set before (08 fa 00) comes first
+        mode(probe, mark, lambda d: d["mode"] == "resistance" and d["controller"] == "mqtt")
+
+        # Asked again: the new range is the Bluetooth app's range too (level 20.0 of
+        # 20 is the new top, 50 %), and the mode report names it after the reload.
+        mark = len(probe.messages)
+        assert request("00") == ftms.SUCCESS
+        mode(probe, mark, lambda d: d["controller"] == "bluetooth")
+        assert request("04c8") == ftms.SUCCESS
+        probe.json("bike/000001/resistance/report", lambda d: d["value"] == 50.0,
+                   after=mark)
+        # A reload with the app in control and no mode of its own: it keeps control,
+        # and the new trainer's mode report says so.
+        daemon.config.write_text(daemon.config.read_text().replace(
+            "[trainer]\nenabled = true\n", "[trainer]\nenabled = true\nmax_power = 900\n"))
+        mark = len(probe.messages)
+        assert reload(daemon).returncode == 0
+        after = mode(probe, mark, lambda d: True)
+        assert after["controller"] == "bluetooth"
+        assert request("0428") == ftms.SUCCESS  # level 4.0 -> 10 %
+        probe.json("bike/000001/resistance/report", lambda d: d["value"] == 10.0,
+                   after=mark)
+        assert all(json.loads(m.payload)["controller"] == "bluetooth"
+                   for m in probe.messages[mark:] if m.topic == "bike/000001/mode/report")
+
+        mark = len(probe.messages)
+        bluez.disconnect(bike.device)
+        mode(probe, mark, lambda d: d["controller"] == "mqtt")
+
+
+def test_a_bluetooth_grade_rides_the_road_but_never_tilts_the_frame(
+        broker, probe, run_daemon):
+    """[trainer] incline_follows_grade = true is for the MQTT game; without [ble] incline
+    a Bluetooth app's grade never moves the frame."""
+    with bluez_bike(broker, probe, run_daemon,
+                    "[trainer]\nenabled = true\nincline_follows_grade = true\n"
+                    "[ble]\nenabled = true\nmqtt_hold = 0\n") as bike:
+        mark = len(probe.messages)
+        assert bike.request("00") == ftms.SUCCESS
+        assert bike.request("110000dc052833") == ftms.SUCCESS  # grade 15 %
+        mode(probe, mark, lambda d: d["mode"] == "sim")
+        # Simulating: the brake follows the road, twice over...
+        probe.json("bike/000001/resistance/report", after=mark, timeout=15)
+        again = len(probe.messages)
+        probe.json("bike/000001/resistance/report", after=again, timeout=15)
+        # ...and the frame has not moved.
+        assert not [m for m in probe.messages[mark:] if m.topic == "bike/000001/incline/report"]
+        # The same grade from the MQTT game tilts it, as configured.
+        mark = len(probe.messages)
+        send(broker, "bike/000001/grade/control", b"15")
+        probe.json("bike/000001/incline/report", after=mark, timeout=15)

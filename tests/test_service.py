@@ -17,7 +17,7 @@ from smartbiked import config as configuration
 from smartbiked import logs
 from smartbiked.hardware import Hardware
 from smartbiked.service import Service
-from tests.conftest import NotifySocket, bike_config, wait_until
+from tests.conftest import NotifySocket, bike_config, free_port, wait_until
 from tests.test_daemon import send
 
 BUTTONS_AND_FAN = """
@@ -241,3 +241,46 @@ def test_journal_is_chosen_only_when_stderr_is_the_journal(monkeypatch, tmp_path
         assert not logs.stderr_is_journal()
         monkeypatch.delenv("JOURNAL_STREAM")
         assert not logs.stderr_is_journal()
+
+
+BLUETOOTH_BIKE = r"""
+[resistance]
+driver = "gpio_pwm"
+pin = "GPIO13"
+
+[serial.motors]
+url = "loop://"
+
+[incline]
+driver = "serial_actuator"
+port = "motors"
+template = "I{{value}}\n"
+ack = 'I(?P<value>-?[0-9.]+)'
+
+[ble]
+enabled = true
+backend = "bumble"
+transport = "tcp-client:127.0.0.1:{port}"
+"""
+
+
+def test_bluetooth_commands_take_the_mqtt_path_without_the_incline_and_not_while_stopping(
+        broker, probe, serve, factory):
+    """The service's own guards, behind the Control Point's: Bluetooth may never tilt
+    the frame without [ble] incline, and nothing it sends moves anything once stopping."""
+    service = serve(bike_config(broker, BLUETOOTH_BIKE.format(port=free_port())))
+    resistance = factory.pin(13)
+    why = service.bluetooth_command("incline", b'{"value": 5}')
+    assert why is not None and "incline" in why
+    assert service.bluetooth_command("resistance", b'{"value": 30}') is None
+    probe.json("bike/000001/resistance/report", lambda d: d["value"] == 30.0)
+    assert resistance.state == pytest.approx(0.3)
+    assert not [m for m in probe.messages if m.topic == "bike/000001/incline/report"]
+    # An MQTT app may tilt it (the loop:// board echoes the command as its answer):
+    # the limits are Bluetooth's, not the bike's.
+    send(broker, "bike/000001/incline/control", b"5")
+    probe.json("bike/000001/incline/report", lambda d: d["value"] == 5.0)
+    service.shutdown()
+    written = len(resistance.writes)
+    assert service.bluetooth_command("resistance", b'{"value": 80}') == "the bike is stopping"
+    assert resistance.writes[written:] == []

@@ -483,6 +483,22 @@ def test_grade_tilts_the_incline_only_when_configured(sim_settings):
     assert [v for _, v in ride.inclines] == values
 
 
+def test_a_grade_that_may_not_tilt_never_tilts(sim_settings):
+    """A Bluetooth app's grade without [ble] incline: the road, never the frame."""
+    rider = BrakeRider(3, gears=GEARS)
+    rider.push(200)
+    ride = Ride(rider, replace(sim_settings, incline_follows_grade=True), tilt=True)
+    ride.trainer.reading("incline", 0.0)
+    ride.run(1)
+    assert ride.trainer.command(Command("grade", 8.0), tilt=False) is None
+    ride.run(20)
+    assert ride.trainer.mode == "sim" and ride.submitted  # simulating: the brake moves
+    assert ride.inclines == []
+    ride.command("grade", 8)  # the same grade from an app that may tilt
+    ride.run(3)
+    assert ride.inclines
+
+
 def test_settings_come_from_a_config_table():
     s = TrainerSettings.from_options({"enabled": True, "calibration": [[0, 10], [100, 500]],
                                       "erg_gain": 0.3, "unknown": 1})

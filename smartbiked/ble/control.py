@@ -70,12 +70,16 @@ class ControlPoint:
     service's command limits): which requests are supported follows from it.
     ``on_control(controller, reason)`` is told whenever control changes hands
     (``controller`` None: nobody over Bluetooth), for the ``mode`` report.
+    ``may_take()`` says why a Request Control must wait (an MQTT app holds the bike),
+    or None.
     """
 
     def __init__(self, submit: Submit, limits: Mapping[str, Limits], *,
                  levels: float = DEFAULT_LEVELS,
-                 on_control: Callable[[str | None, str], None] | None = None) -> None:
+                 on_control: Callable[[str | None, str], None] | None = None,
+                 may_take: Callable[[], str | None] | None = None) -> None:
         self._submit = submit
+        self._may_take = may_take
         self.limits = dict(limits)
         self.levels = levels
         self._on_control = on_control
@@ -139,6 +143,10 @@ class ControlPoint:
             if self.controller not in (None, peer):
                 return ftms.CONTROL_NOT_PERMITTED
             if self.controller is None:
+                held = self._may_take() if self._may_take is not None else None
+                if held is not None:
+                    self.last_refusal = held
+                    return ftms.CONTROL_NOT_PERMITTED
                 self._hand_over(peer, "requested control over Bluetooth")
             return ftms.SUCCESS
         if self.controller != peer:

@@ -45,17 +45,18 @@ class Radio:
 
     ``submit(topic, payload)`` runs a Control Point request through the MQTT command
     path (None: taken, else the refusal reason); ``on_control(controller, reason)`` is
-    told when Bluetooth control changes hands (``controller`` None: nobody).
+    told when Bluetooth control changes hands (``controller`` None: nobody);
+    ``may_take()`` says why a Bluetooth app may not take control now (None: it may).
     """
 
     def __init__(self, settings: BleSettings, limits: Mapping[str, Limits], submit: Submit,
                  on_control: Callable[[str | None, str], None], *, name: str,
-                 seed: str) -> None:
+                 seed: str, may_take: Callable[[], str | None] | None = None) -> None:
         self.settings = settings
         self.name = name
         self.seed = seed
         self.control = ControlPoint(submit, limits, levels=settings.resistance_levels,
-                                    on_control=on_control)
+                                    on_control=on_control, may_take=may_take)
         self.state = BikeState(self.control.level_of, stale_after=settings.stale_after)
         #: "starting", "advertising" or "unavailable" (with :attr:`reason`), for health.
         self.status = "starting"
@@ -74,7 +75,8 @@ class Radio:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Unregister, close the stack and end the thread."""
+        """Unregister, close the stack and end the thread, waiting ``timeout`` seconds
+        at most for it (0: just ask; call again later to wait)."""
         self._stopping.set()
         loop, stop = self._loop, self._stop
         if loop is not None and stop is not None:
@@ -82,7 +84,7 @@ class Radio:
                 loop.call_soon_threadsafe(stop.set)
             except RuntimeError:
                 pass  # the loop has already ended
-        if self._thread is not None:
+        if self._thread is not None and timeout > 0:
             self._thread.join(timeout)
 
     def reading(self, topic: str, value: float) -> None:
@@ -129,9 +131,10 @@ class Radio:
             return
         failures = 0
         while not stop.is_set():
-            backend = make_backend(self.settings, self.control, self.state,
-                                   name=self.name, seed=self.seed)
+            backend: TrainerBackend | None = None
             try:
+                backend = make_backend(self.settings, self.control, self.state,
+                                       name=self.name, seed=self.seed)
                 await backend.start()
                 self._backend = backend
                 self._up()
@@ -141,17 +144,20 @@ class Radio:
                 self._down(str(exc))
                 failures += 1
             except Exception as exc:
-                log.exception("Bluetooth backend failed")
-                self._down(f"Bluetooth: {type(exc).__name__}: {exc}")
+                reason = f"Bluetooth: {type(exc).__name__}: {exc}"
+                if reason != self.reason:  # the traceback once, not on every retry
+                    log.exception("Bluetooth backend failed")
+                self._down(reason)
                 failures += 1
             finally:
                 self._backend = None
                 # A controller held by a link that is gone with the stack is released.
                 self.control.revoke("Bluetooth stopped")
-                try:
-                    await backend.close()
-                except Exception:
-                    log.exception("closing the Bluetooth backend failed")
+                if backend is not None:
+                    try:
+                        await backend.close()
+                    except Exception:
+                        log.exception("closing the Bluetooth backend failed")
             if stop.is_set():
                 break
             if failures == 0:

@@ -24,6 +24,7 @@ class BleSettings:
     resistance_levels: float = 20.0
     stale_after: float = 5.0
     incline: bool = False
+    mqtt_hold: float = 30.0
 
     def limits(self, control_limits: Mapping[str, Limits]) -> dict[str, Limits]:
         """What Bluetooth apps may command, of what MQTT apps may: the incline only
