@@ -158,13 +158,13 @@ class Service:
         #: When an MQTT app last sent an FTMS-like command (resistance, incline,
         #: targetpower, grade), on the monotonic clock: it holds control for a while.
         self._mqtt_commanded = -math.inf
+        self._health_due = threading.Event()
         self.radio = self._make_radio(config)
         self.coach = self._make_coach(config)
         self.started = time.monotonic()
         self.reconnects = -1  # the first connect is not a reconnect
         self.reload_state: runtime.ReloadState | None = None
         self._drivers: dict[str, tuple[str, str | None]] = {}
-        self._health_due = threading.Event()
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
@@ -181,7 +181,7 @@ class Service:
             return None
         radio = Radio(config.ble, config.ble.limits(self.limits), self.bluetooth_command,
                       self._bluetooth_control, name=config.ble_name, seed=config.bike_id,
-                      may_take=self._bluetooth_may_take)
+                      may_take=self._bluetooth_may_take, on_change=self._health_due.set)
         self.bike.on_revolutions = radio.revolutions
         return radio
 

@@ -62,6 +62,14 @@ class Air:
         await app.device.power_on()
         return app
 
+    def unplug(self) -> None:
+        """The bike's controller goes away: its HCI connection and the listener close."""
+        async def unplug() -> None:
+            self.transport.sink.transport.close()
+            self.transport.server.close()  # the listener too: the port must be free again
+            await self.transport.close()
+        self.call(unplug())
+
     def close(self) -> None:
         if self.transport is not None:
             self.call(self.transport.close())
@@ -199,6 +207,17 @@ def test_without_its_radio_the_bike_rides_on_mqtt_and_finds_the_radio_when_it_co
     # The missing radio was logged once, not once per try.
     wait_until(lambda: "advertising as" in daemon.output(), what="the recovery logged")
     assert daemon.output().count("cannot open bumble transport") == 1
+
+    # The dongle is pulled out and plugged in again: the bike finds it by itself.
+    mark = len(probe.messages)
+    air.unplug()
+    probe.json("bike/000001/health", lambda d: d.get("bluetooth", {}).get("state")
+               == "unavailable", timeout=20, after=mark)
+    app = air.open()
+    mark = len(probe.messages)
+    probe.json("bike/000001/health", lambda d: d.get("bluetooth", {}).get("state")
+               == "advertising", timeout=40, after=mark)
+    assert air.call(app.find(NAME))
 
 
 @contextlib.contextmanager

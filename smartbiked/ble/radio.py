@@ -46,12 +46,14 @@ class Radio:
     ``submit(topic, payload)`` runs a Control Point request through the MQTT command
     path (None: taken, else the refusal reason); ``on_control(controller, reason)`` is
     told when Bluetooth control changes hands (``controller`` None: nobody);
-    ``may_take()`` says why a Bluetooth app may not take control now (None: it may).
+    ``may_take()`` says why a Bluetooth app may not take control now (None: it may);
+    ``on_change()`` is told when :meth:`health` changed (advertising, unavailable).
     """
 
     def __init__(self, settings: BleSettings, limits: Mapping[str, Limits], submit: Submit,
                  on_control: Callable[[str | None, str], None], *, name: str,
-                 seed: str, may_take: Callable[[], str | None] | None = None) -> None:
+                 seed: str, may_take: Callable[[], str | None] | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.name = name
         self.seed = seed
@@ -61,6 +63,7 @@ class Radio:
         #: "starting", "advertising" or "unavailable" (with :attr:`reason`), for health.
         self.status = "starting"
         self.reason: str | None = None
+        self._on_change = on_change
         self._backend: TrainerBackend | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -172,8 +175,14 @@ class Radio:
     def _up(self) -> None:
         self.status, self.reason = "advertising", None
         log.info("Bluetooth: advertising as %r (%s)", self.name, self.settings.backend)
+        self._changed()
 
     def _down(self, reason: str) -> None:
         if reason != self.reason:  # once per distinct reason, not once per retry
             log.warning("%s; trying again", reason)
-        self.status, self.reason = "unavailable", reason
+            self.status, self.reason = "unavailable", reason
+            self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
