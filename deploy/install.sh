@@ -12,6 +12,10 @@
 # tightened). The service is restarted only if it was running, and enabled only on
 # the first install: a re-run never starts or enables a service the operator
 # stopped or disabled. A re-run with unchanged code changes nothing.
+#
+# With [ble] enabled in the config, the release also gets deploy/requirements-ble.lock
+# and the unit the backend's drop-in (deploy/bluetooth-*.conf, as
+# /etc/systemd/system/smartbiked.service.d/bluetooth.conf); without it, neither.
 set -euo pipefail
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,6 +42,8 @@ done
 command -v apt-get >/dev/null || die "needs a Debian-based system (apt-get)"
 
 take_install_lock
+# Where pip takes the locked wheels from (here and in ble_prepare): PyPI by default.
+[[ -n $wheelhouse ]] && PIP_INDEX=(--no-index --find-links "$wheelhouse")
 
 # ---- packages ---------------------------------------------------------------------
 # python3-systemd from apt (pip would have to compile it against libsystemd-dev);
@@ -125,11 +131,9 @@ else
     install -d -m 0755 "$PREFIX" "$RELEASES"
     python3 -m venv --system-site-packages "$release"
     pip=("$release/bin/pip" --quiet --disable-pip-version-check --no-cache-dir)
-    index=()
-    [[ -n $wheelhouse ]] && index=(--no-index --find-links "$wheelhouse")
     # Exactly the locked files (hash-checked), no resolver: the dependencies of a bike
     # change only when deploy/requirements.lock does.
-    "${pip[@]}" install "${index[@]}" --require-hashes --no-deps --only-binary=:all: \
+    "${pip[@]}" install "${PIP_INDEX[@]}" --require-hashes --no-deps --only-binary=:all: \
         -r "$work/deploy/requirements.lock"
     # smartbiked itself, built with the locked setuptools, nothing downloaded.
     "${pip[@]}" install --no-index --no-deps --no-build-isolation "$work"
@@ -140,6 +144,10 @@ else
         || die "the venv cannot import systemd.daemon (python3-systemd)"
     install -d "$release/share/$NAME"
     install -m 0644 "$work/deploy/$NAME.service" "$release/share/$NAME/"
+    # What a bike with Bluetooth gets on top (ble_prepare, ble_apply): kept with the
+    # release, so that a rollback brings back its own.
+    install -m 0644 "$work/deploy/requirements-ble.lock" "$work"/deploy/bluetooth-*.conf \
+        "$work/deploy/bluetooth-usb.rules" "$release/share/$NAME/"
     install -m 0755 "$work/deploy/common.sh" "$work/deploy/rollback.sh" \
         "$work/deploy/uninstall.sh" "$release/share/$NAME/"
     printf '%s\n' "$digest" >"$release/.source-digest"
@@ -162,6 +170,10 @@ for secret in "${SECRETS[@]}"; do
         chmod 0600 "$secret"
     fi
 done
+
+# Bluetooth ([ble] enabled): its packages into the release before the check (which
+# refuses an enabled [ble] without them); its drop-in goes in with the switch.
+ble_prepare "$release"
 
 say "checking $CONFIG with $(basename "$release")"
 if ! check_config_with "$release"; then

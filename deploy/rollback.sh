@@ -26,6 +26,9 @@ previous=$(release_of previous)
 release_ok "$current" || die "no current release in $PREFIX: install first (deploy/install.sh)"
 release_ok "$previous" || die "no previous release to go back to (only $(basename "$current") is installed)"
 
+# The previous release's Bluetooth packages (if [ble] is enabled and they are missing,
+# from PyPI) and, with the switch, its drop-in.
+ble_prepare "$previous"
 say "checking $CONFIG with $(basename "$previous")"
 check_config_with "$previous" \
     || die "$CONFIG is invalid for $(basename "$previous") (see above): nothing was changed"

@@ -2,12 +2,14 @@
 # Remove smartbiked: stop and disable the service, remove its unit file, the
 # releases in /opt/smartbiked and the commands in /usr/local/bin.
 #
-#   sudo deploy/uninstall.sh            # keeps /etc/smartbiked (config, secrets), drop-ins
-#                                       # and the smartbiked user, for a later reinstall
+#   sudo deploy/uninstall.sh            # keeps /etc/smartbiked (config, secrets), the
+#                                       # operator's drop-ins and the smartbiked user, for a
+#                                       # later reinstall (install.sh's Bluetooth drop-in
+#                                       # and udev rule go)
 #   sudo deploy/uninstall.sh --purge    # removes those too
 #
 # Packages installed with apt (python3, python3-venv, python3-systemd,
-# mosquitto-clients, python3-lgpio) and the gpio/dialout groups stay: other
+# mosquitto-clients, python3-lgpio) and the gpio/dialout/bluetooth groups stay: other
 # software may use them.
 set -euo pipefail
 
@@ -19,7 +21,7 @@ purge=
 case ${1:-} in
     "") ;;
     --purge) purge=yes ;;
-    -h|--help) sed -n '2,12s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (try --help)" ;;
 esac
 need_root
@@ -36,8 +38,13 @@ for cmd in "${COMMANDS[@]}"; do
     fi
 done
 rm -f "$UNIT"
+# The Bluetooth drop-in and udev rule are the installer's, not the operator's: they go
+# even without --purge (and the drop-in directory too if nothing else is in it).
+rm -f "$BLE_DROPIN" "$BLE_UDEV_RULE"
 if [[ -n $purge ]]; then
     rm -rf "$UNIT_DIR/$NAME.service.d"
+else
+    rmdir "$UNIT_DIR/$NAME.service.d" 2>/dev/null || true
 fi
 if systemd_running; then
     systemctl daemon-reload

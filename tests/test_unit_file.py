@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +21,8 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from tests.conftest import bike_config
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy" / "smartbiked.service"
@@ -199,9 +202,9 @@ def test_operator_scripts_are_executable(script):
     assert mode in (None, "100755"), f"{script} is committed as {mode}: git add --chmod=+x"
 
 
-def locked() -> dict[str, tuple[str, list[str]]]:
-    """deploy/requirements.lock: name -> (version, hashes)."""
-    text = LOCK.read_text().replace("\\\n", " ")
+def locked(lock: Path = LOCK) -> dict[str, tuple[str, list[str]]]:
+    """A lock file (deploy/requirements.lock): name -> (version, hashes)."""
+    text = lock.read_text().replace("\\\n", " ")
     pins: dict[str, tuple[str, list[str]]] = {}
     for line in text.splitlines():
         line = line.strip()
@@ -253,3 +256,188 @@ def test_lock_pins_every_runtime_dependency_with_a_hash():
         name = canonicalize_name(req.name)
         assert name in pins and req.specifier.contains(pins[name][0]), (
             f"build requirement {req} is not satisfied by deploy/requirements.lock")
+
+
+# ---- Bluetooth: the drop-ins install.sh adds with [ble] enabled, and their lock -------
+
+BLE_LOCK = ROOT / "deploy" / "requirements-ble.lock"
+#: [ble] variant (what common.sh's ble_variant prints) -> the drop-in install.sh installs.
+DROPINS = {variant: ROOT / "deploy" / f"bluetooth-{variant}.conf"
+           for variant in ("bluez", "bumble-usb", "bumble-hci-socket")}
+
+
+def unit_with_dropin(directory: Path, variant: str | None) -> Path:
+    """The unit in ``directory`` with the variant's drop-in beside it, as installed."""
+    unit = unit_copy(directory)
+    if variant is not None:
+        dropins = directory / "smartbiked.service.d"
+        dropins.mkdir()
+        (dropins / "bluetooth.conf").write_text(DROPINS[variant].read_text())
+    return unit
+
+
+def exposure_of(unit: Path) -> tuple[float, str]:
+    result = subprocess.run(
+        [systemd_analyze(), "security", "--offline=yes", str(unit)],
+        capture_output=True, text=True, cwd=unit.parent, timeout=60)
+    found = re.search(r"Overall exposure level for smartbiked\.service: (\d+(?:\.\d+)?)",
+                      result.stdout)
+    assert found, f"no exposure score in:\n{result.stdout}\n{result.stderr}"
+    return float(found.group(1)), result.stdout
+
+
+@pytest.mark.parametrize("variant", sorted(DROPINS))
+def test_bluetooth_dropin_verifies_silently(tmp_path, variant):
+    result = verify(unit_with_dropin(tmp_path, variant))
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0 and not output, (
+        f"systemd-analyze verify (exit {result.returncode}) complains:\n{output}")
+
+
+def test_verify_reads_the_dropin(tmp_path):
+    """The silence above covers the drop-in: verify does speak up about a bad line in it."""
+    unit = unit_with_dropin(tmp_path, "bluez")
+    dropin = tmp_path / "smartbiked.service.d" / "bluetooth.conf"
+    dropin.write_text(dropin.read_text() + "SupplementaryGroup=bluetooth\n")
+    result = verify(unit)
+    assert "SupplementaryGroup" in result.stdout + result.stderr
+
+
+def test_bluetooth_dropins_raise_exposure_only_where_needed(tmp_path):
+    """bluez adds nothing systemd-analyze counts; bumble's grants stay small."""
+    scores = {}
+    for variant in (None, *sorted(DROPINS)):
+        directory = tmp_path / str(variant)
+        directory.mkdir()
+        scores[variant], report = exposure_of(unit_with_dropin(directory, variant))
+        if variant == "bumble-usb":
+            assert "char-189:rw" in report, "the drop-in was not read"
+    assert scores[None] <= MAX_EXPOSURE
+    assert scores["bluez"] == scores[None], scores
+    assert scores["bumble-usb"] <= scores[None] + 0.1, scores
+    # CAP_NET_ADMIN (ambient and bounding) and AF_BLUETOOTH for the HCI user channel.
+    assert scores["bumble-hci-socket"] <= 2.0, scores
+
+
+def test_bluetooth_dropins_grant_only_what_their_backend_needs():
+    bluez = parse_unit(DROPINS["bluez"].read_text())
+    assert bluez["Unit"] == {"Wants": ["bluetooth.service"], "After": ["bluetooth.service"]}
+    assert bluez["Service"] == {"SupplementaryGroups": ["bluetooth"]}
+
+    usb = parse_unit(DROPINS["bumble-usb"].read_text())
+    assert set(usb) == {"Service"}
+    assert usb["Service"] == {"DeviceAllow": ["char-189 rw"],
+                              "RestrictAddressFamilies": ["AF_NETLINK"],
+                              "SupplementaryGroups": ["bluetooth"]}
+
+    hci = parse_unit(DROPINS["bumble-hci-socket"].read_text())
+    assert set(hci) == {"Service"}
+    assert hci["Service"] == {"RestrictAddressFamilies": ["AF_BLUETOOTH"],
+                              "CapabilityBoundingSet": ["CAP_NET_ADMIN"],
+                              "AmbientCapabilities": ["CAP_NET_ADMIN"]}
+
+
+@pytest.mark.parametrize("path", [*sorted(DROPINS.values()),
+                                  ROOT / "deploy" / "bluetooth-usb.rules"],
+                         ids=lambda p: p.name)
+def test_every_bluetooth_grant_says_why(path):
+    """Each setting comes right after a comment (its reason), or shares one with its pair."""
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if not line.strip() or line.startswith(("#", "[")):
+            continue
+        above = lines[number - 1]
+        assert above.startswith("#") or (above and not above.startswith("[")), (
+            f"{path.name}:{number + 1}: {line!r} has no comment saying why")
+
+
+def test_ble_lock_pins_the_ble_extra_with_hashes():
+    """Every package the ble extra and both backends need is pinned, with its hashes.
+
+    Together with deploy/requirements.lock (pyserial is there), installed with
+    pip --require-hashes --no-deps, it must be complete. Compiled packages carry one hash
+    per machine (x86_64, aarch64).
+    """
+    from smartbiked.ble.settings import BACKENDS
+
+    pins = locked(BLE_LOCK)
+    main = locked()
+    assert not set(pins) & set(main), "a package in both locks"
+    assert all(hashes for _, hashes in pins.values())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    environment = default_environment()
+    wanted = [Requirement(spec) for spec in project["optional-dependencies"]["ble"]]
+    wanted += [Requirement(canonicalize_name(module)) for module in BACKENDS.values()]
+    seen: set[str] = set()
+    while wanted:
+        req = wanted.pop()
+        name = canonicalize_name(req.name)
+        if name in seen or (req.marker and not req.marker.evaluate(environment)):
+            continue
+        seen.add(name)
+        version = (pins.get(name) or main.get(name) or (None,))[0]
+        assert version is not None, f"{req} is in neither lock"
+        assert req.specifier.contains(version, prereleases=True), (
+            f"locked {name}=={version} does not satisfy {req}")
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if dist.version == version:
+            wanted.extend(Requirement(r) for r in dist.requires or ())
+    assert {"dbus-fast", "bumble"} <= seen
+    assert len(pins["dbus-fast"][1]) >= 2, "dbus-fast is compiled: a hash per machine"
+    assert set(pins) <= seen, f"locked but not needed: {set(pins) - seen}"
+
+
+def ble_variant(tmp_path: Path, config_text: str, *, with_lock: bool = True) -> str:
+    """What deploy/common.sh's ble_variant says for a config, run by a stand-in release
+    whose python is this test's interpreter with this checkout's smartbiked."""
+    release = tmp_path / "release"
+    (release / "bin").mkdir(parents=True, exist_ok=True)
+    python = release / "bin" / "python"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    share = release / "share" / "smartbiked"
+    share.mkdir(parents=True, exist_ok=True)
+    if with_lock:
+        (share / "requirements-ble.lock").write_text(BLE_LOCK.read_text())
+    config = tmp_path / "smartbike.toml"
+    config.write_text(config_text)
+    result = subprocess.run(
+        ["bash", "-c", 'source "$1"; CONFIG=$2; ble_variant "$3"', "-",
+         str(ROOT / "deploy" / "common.sh"), str(config), str(release)],
+        capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize(("body", "variant"), [
+    ("", "off"),
+    ("[ble]\nenabled = false\nbackend = \"bumble\"\n", "off"),
+    ("[ble]\nenabled = true\n", "bluez"),
+    ("[ble]\nenabled = true\nbackend = \"bumble\"\n", "bumble-usb"),
+    ("[ble]\nenabled = true\nbackend = \"bumble\"\ntransport = \"usb:1\"\n", "bumble-usb"),
+    ("[ble]\nenabled = true\nbackend = \"bumble\"\ntransport = \"hci-socket:0\"\n",
+     "bumble-hci-socket"),
+    # Another transport (a serial HCI board: dialout has it already) needs no drop-in.
+    ("[ble]\nenabled = true\nbackend = \"bumble\"\ntransport = \"serial:/dev/ttyUSB0\"\n",
+     "bumble"),
+])
+def test_ble_variant_follows_the_config(tmp_path, body, variant):
+    assert ble_variant(tmp_path, bike_config(None, body)) == variant
+
+
+def test_ble_variant_of_a_config_the_loader_refuses(tmp_path):
+    """An enabled [ble] still counts when the file has other problems (the packages are
+    installed first; the config check then names what is wrong)."""
+    text = ("[bike]\nid = \"not a bike id!\"\n\n[ble]\nenabled = true\n"
+            "backend = \"bumble\"\ntransport = \"hci-socket:1\"\n")
+    assert ble_variant(tmp_path, text) == "bumble-hci-socket"
+    assert ble_variant(tmp_path, "[ble]\nenabled = \"yes\"\n") == "off"
+    assert ble_variant(tmp_path, "this is = not toml [") == "off"
+
+
+def test_a_release_without_bluetooth_support_is_off(tmp_path):
+    text = bike_config(None, "[ble]\nenabled = true\n")
+    assert ble_variant(tmp_path, text, with_lock=False) == "off"
