@@ -714,6 +714,8 @@ class Health:
     reconnects: float | None = None
     drivers: dict[str, tuple[str, str]] = field(default_factory=dict)  # state, reason
     counters: dict[str, float] = field(default_factory=dict)
+    #: The Bluetooth smart trainer's line (state, then reason or who controls), if any.
+    bluetooth: tuple[str, str] | None = None
     bad: str | None = None
 
 
@@ -752,6 +754,11 @@ def parse_health(payload: bytes) -> Health:
         for name, value in list(counters.items())[:20]:
             if number(value):
                 health.counters[clean(name, 20)] = number(value) or 0.0
+    ble = body.get("bluetooth")
+    if isinstance(ble, dict) and isinstance(ble.get("state"), str):
+        said = ble.get("reason") or (f"controlled by {ble['controller']}"
+                                     if ble.get("controller") else "")
+        health.bluetooth = (clean(ble["state"], 12), _text(said, 60))
     return health
 
 
@@ -944,6 +951,11 @@ def _health_lines(board: Board) -> list[Line]:
     elif health.drivers:
         line.append(("; all drivers running", "good"))
     lines = [line]
+    if health.bluetooth is not None:
+        state, said = health.bluetooth
+        lines.append([("bluetooth: ", ""),
+                      (state, "good" if state == "advertising" else "warn"),
+                      (f" ({said})" if said else "", "")])
     if health.counters:  # only the ones that are not 0: something was shed or lost
         lines.append([("counters: " + ", ".join(
             f"{name} {value:.0f}" for name, value in sorted(health.counters.items())), "warn")])

@@ -406,6 +406,21 @@ def test_watch_shows_the_health_message_and_drivers_not_running(broker):
     assert rows["counters:"] == "counters: refusals_shed 3"  # the ones that are not 0
 
 
+def test_watch_shows_the_bluetooth_trainer_and_escapes_what_it_says(broker):
+    for ble, shown in [
+            ({"state": "unavailable", "reason": "Bluetooth: no adapter hci0"},
+             "bluetooth: unavailable (Bluetooth: no adapter hci0)"),
+            ({"state": "advertising", "controller": "/org/bluez/hci0/dev_AA"},
+             "bluetooth: advertising (controlled by /org/bluez/hci0/dev_AA)"),
+            ({"state": "advertising\x1b[2J", "reason": "a\nb"},
+             "bluetooth: advertisi... (a\\nb)")]:  # escaped, and cut to fit
+        retain(broker, {"bike/000001/status": b"online",
+                        "bike/000001/health": {**HEALTH, "bluetooth": ble}})
+        done = smartbike(*at(broker), "watch", "--count", "1")
+        assert done.returncode == 0, done.stderr
+        assert shown in done.stdout.splitlines(), done.stdout
+
+
 def test_watch_tolerates_a_missing_or_malformed_health_message(broker):
     retain(broker, {"bike/000001/status": b"online"})
     done = smartbike(*at(broker), "watch", "--count", "1")
