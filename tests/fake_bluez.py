@@ -7,7 +7,10 @@ with GattManager1 and LEAdvertisingManager1, reads a registered application's tr
 centrals: StartNotify/StopNotify, WriteValue with the writer's ``device`` in the
 options, ``org.bluez.Device1`` objects that connect and go away. Every PropertiesChanged
 of a characteristic's Value is collected, in arrival order with the method replies, so a
-test can tell whether an indication came before or after the write's answer.
+test can tell whether an indication came before or after the write's answer. It also
+plays bluetoothd's bad days: an adapter that appears only after the name is taken (as
+when bluetoothd starts), an adapter unplugged, an advertisement released, a daemon that
+stops answering.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import asyncio
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,6 +33,7 @@ BLUEZ = "org.bluez"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 CHARACTERISTIC = "org.bluez.GattCharacteristic1"
+ADVERTISEMENT = "org.bluez.LEAdvertisement1"
 STEP = 5.0  # seconds one exchange on the private bus may take, at most
 
 
@@ -95,15 +100,41 @@ class Device(ServiceInterface):
         return self.connected
 
 
+class LoopThread:
+    """An asyncio loop on a thread of its own, for a fake bluetoothd beside a threaded
+    daemon part (the ``ble`` thread runs its own loop)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = STEP) -> Any:
+        """Run ``coro`` on the loop; its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(STEP)
+        self.loop.close()
+
+
 class FakeBluez:
-    """``org.bluez`` with one adapter, and the centrals talking to the application."""
+    """``org.bluez`` with one adapter, and the centrals talking to the application.
+
+    ``adapter_late``: the name is taken with no adapter yet, until :meth:`add_adapter`
+    (bluetoothd starting: the adapter appears once the kernel answered).
+    """
 
     def __init__(self, address: str, adapter: str = "hci0", *, powered: bool = False,
-                 refuse_advertisement: bool = False) -> None:
+                 refuse_advertisement: bool = False, adapter_late: bool = False) -> None:
         self.address = address
         self.adapter_path = f"/org/bluez/{adapter}"
         self.adapter = Adapter(powered)
         self.refuse_advertisement = refuse_advertisement
+        self.adapter_late = adapter_late
+        #: Set: the registration calls are recorded, never answered (a hung bluetoothd).
+        self.hung = False
         #: (member, sender, path) of every registration call, in order.
         self.calls: list[tuple[str, str, str]] = []
         #: (sender, path) -> the tree GetManagedObjects gave / the advert's properties.
@@ -120,12 +151,41 @@ class FakeBluez:
     async def start(self) -> FakeBluez:
         self.bus = await MessageBus(bus_address=self.address, bus_type=BusType.SESSION).connect()
         self.bus.add_message_handler(self._on_message)
-        self.bus.export(self.adapter_path, self.adapter)
+        if not self.adapter_late:
+            self.bus.export(self.adapter_path, self.adapter)
         await self.bus.request_name(BLUEZ)
         return self
 
     def stop(self) -> None:
+        """bluetoothd killed: the connection, hence the name, goes at once."""
         self.bus.disconnect()
+
+    async def stopped(self) -> None:
+        """:meth:`stop`, returning once the connection is closed."""
+        self.bus.disconnect()
+        await asyncio.wait_for(self.bus.wait_for_disconnect(), STEP)
+
+    def add_adapter(self) -> None:
+        """The adapter appears (InterfacesAdded), as it does after the name is taken."""
+        self.bus.export(self.adapter_path, self.adapter)
+
+    async def release(self) -> None:
+        """Release every advertisement and forget it, as bluetoothd does when it drops
+        them; returns once each owner answered."""
+        adverts, self.adverts = list(self.adverts), {}
+        for owner, path in adverts:
+            reply = await asyncio.wait_for(self.bus.call(Message(
+                destination=owner, path=path, interface=ADVERTISEMENT, member="Release")),
+                STEP)
+            assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+
+    async def remove_adapter(self) -> None:
+        """The adapter unplugged, in bluetoothd's order: the adapter object goes
+        (InterfacesRemoved), then the advertisements are released; the applications
+        registered on it are forgotten."""
+        self.bus.unexport(self.adapter_path)
+        self.apps.clear()
+        await self.release()
 
     # -- bluetoothd's managers ---------------------------------------------------------------
 
@@ -152,6 +212,9 @@ class FakeBluez:
         }.get((msg.interface, msg.member))
         if handler is None:
             return False
+        if self.hung:
+            self.calls.append((msg.member, msg.sender, msg.body[0]))
+            return True  # never answered: the caller's timeout is all it has
         task = asyncio.ensure_future(handler(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -10,18 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 
 import pytest
-from dbus_fast import Message, MessageType
+from dbus_fast import MessageType
 
 from smartbiked import ftms
+from smartbiked.ble import bluez_backend
+from smartbiked.ble import radio as radio_module
 from smartbiked.ble.bluez_backend import BluezTrainer, uuid128
 from smartbiked.ble.control import ControlPoint
 from smartbiked.ble.peripheral import BikeState
+from smartbiked.ble.radio import Radio
+from smartbiked.ble.settings import BleSettings
 from smartbiked.errors import BluetoothUnavailable
 from smartbiked.topics import Command
-from tests.fake_bluez import CHARACTERISTIC, FakeBluez, private_bus, short_uuid
+from tests.conftest import wait_until
+from tests.fake_bluez import (
+    CHARACTERISTIC,
+    STEP,
+    FakeBluez,
+    LoopThread,
+    private_bus,
+    short_uuid,
+)
 from tests.test_ble import LIMITS, MqttPath
 
 NAME = "Smartbike b1"
@@ -347,48 +360,165 @@ def test_close_unregisters_and_twice_is_fine(bus_address):
     run(scenario())
 
 
-def test_bluetoothd_restarting_gets_the_services_registered_again(bus_address):
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "smartbiked.ble" and r.levelno >= logging.WARNING]
+
+
+async def _controlled(bluez, trainer):
+    """A connects, subscribes and takes control; run() going. (A's path, the run task)."""
+    a = bluez.connect(A)
+    await bluez.start_notify(ftms.CONTROL_POINT)
+    await bluez.start_notify(ftms.MACHINE_STATUS)
+    assert await command(bluez, a, "00") == (0x00, ftms.SUCCESS)
+    assert trainer.control.controller == a
+    stop = asyncio.Event()
+    return a, asyncio.ensure_future(trainer.run(0.05, stop)), stop
+
+
+def test_bluetoothd_leaving_ends_run_and_a_new_trainer_waits_for_its_adapter(bus_address,
+                                                                               caplog):
     async def scenario():
         bluez, trainer = await _bike(bus_address)
-        a = bluez.connect(A)
-        await bluez.start_notify(ftms.CONTROL_POINT)
-        assert await command(bluez, a, "00") == (0x00, ftms.SUCCESS)
+        _, running, stop = await _controlled(bluez, trainer)
 
-        bluez.stop()  # bluetoothd stops: its links, subscriptions and registrations go
-        again = await FakeBluez(bus_address).start()
-        await asyncio.wait_for(again.advertised.wait(), 5)
+        await bluez.stopped()  # bluetoothd stops: links, subscriptions, registrations go
+        await asyncio.wait_for(running, STEP)
+        assert not stop.is_set()
+        assert trainer.ended == "bluetoothd left D-Bus"
+        assert _warnings(caplog) == ["Bluetooth: bluetoothd left D-Bus"]
+        assert trainer.control.controller is None  # A's link went with bluetoothd
+
+        # bluetoothd comes back as it starts: the name first, the adapter a moment later.
+        again = await FakeBluez(bus_address, adapter_late=True).start()
+        await asyncio.wait_for(trainer.close(), STEP)
+        assert again.calls == []  # nothing to undo on a bluetoothd that never knew us
+
+        # The daemon's retry: a new trainer on the same control and state.
+        fresh = BluezTrainer(trainer.control, trainer.state, name=NAME,
+                             bus_address=bus_address)
+        with pytest.raises(BluetoothUnavailable, match=r"^Bluetooth: no adapter hci0 in BlueZ"):
+            await fresh.start()
+        assert again.calls == []
+        again.add_adapter()
+        await fresh.start()
+        assert again.advertised.is_set()
         owner, _ = again.app
         assert [call[:2] for call in again.calls] == [("RegisterApplication", owner),
                                                       ("RegisterAdvertisement", owner)]
         assert again.advert["LocalName"] == NAME
-        assert trainer.control.controller is None  # A's link went with bluetoothd
         b = again.connect(B)
         reply, _ = await again.write(ftms.CONTROL_POINT, b"\x00", b)
         assert reply.error_name == "org.bluez.Error.NotPermitted"  # no CCCD carried over
         await again.start_notify(ftms.CONTROL_POINT)
         assert await command(again, b, "00") == (0x00, ftms.SUCCESS)
-        await trainer.close()
+        await fresh.close()
         assert again.apps == {} and again.adverts == {}
         again.stop()
 
     run(scenario())
 
 
-def test_an_advertisement_bluez_released_is_not_unregistered(bus_address):
+def test_the_adapter_removed_ends_run_and_close_leaves_bluez_alone(bus_address, caplog):
     async def scenario():
         bluez, trainer = await _bike(bus_address)
-        owner, _ = bluez.app
-        reply = await bluez.bus.call(Message(
-            destination=owner, path="/org/smartbiked/advertisement0",
-            interface="org.bluez.LEAdvertisement1", member="Release"))
-        assert reply.message_type == MessageType.METHOD_RETURN
-        bluez.adverts.clear()  # as bluetoothd forgets it after Release
-        await trainer.close()
-        assert [call[0] for call in bluez.calls] == [
-            "RegisterApplication", "RegisterAdvertisement", "UnregisterApplication"]
+        _, running, stop = await _controlled(bluez, trainer)
+
+        await bluez.remove_adapter()  # InterfacesRemoved of hci0, then Release
+        await asyncio.wait_for(running, STEP)
+        assert not stop.is_set()
+        assert trainer.ended == "adapter hci0 was removed from BlueZ"
+        assert _warnings(caplog) == ["Bluetooth: adapter hci0 was removed from BlueZ"]
+        assert trainer.control.controller is None
+        assert bluez.pending(ftms.MACHINE_STATUS) == 0  # the links went with the adapter
+        mark = len(bluez.calls)
+        await asyncio.wait_for(trainer.close(), STEP)
+        assert bluez.calls[mark:] == []  # BlueZ dropped it all with the adapter
         bluez.stop()
 
     run(scenario())
+
+
+def test_an_advertisement_bluez_released_ends_run_and_is_not_unregistered(bus_address,
+                                                                            caplog):
+    async def scenario():
+        bluez, trainer = await _bike(bus_address)
+        _, running, stop = await _controlled(bluez, trainer)
+
+        await bluez.release()
+        await asyncio.wait_for(running, STEP)
+        assert not stop.is_set()
+        assert trainer.ended == "BlueZ released the advertisement"
+        assert _warnings(caplog) == ["Bluetooth: BlueZ released the advertisement"]
+        # A is still linked: it hears that it lost control.
+        assert trainer.control.controller is None
+        assert await bluez.next(ftms.MACHINE_STATUS) == ftms.CONTROL_LOST
+        await asyncio.wait_for(trainer.close(), STEP)
+        assert [call[0] for call in bluez.calls] == [
+            "RegisterApplication", "RegisterAdvertisement", "UnregisterApplication"]
+        assert bluez.apps == {}
+        bluez.stop()
+
+    run(scenario())
+
+
+def test_close_does_not_hang_on_a_bluetoothd_that_stopped_answering(bus_address,
+                                                                     monkeypatch):
+    # Each call close() makes waits CLOSE_TIMEOUT at most: shortened here so that two
+    # unanswered calls fit well inside STEP, which CALL_TIMEOUT alone would not.
+    monkeypatch.setattr(bluez_backend, "CLOSE_TIMEOUT", 0.2)
+
+    async def scenario():
+        bluez, trainer = await _bike(bus_address)
+        bluez.hung = True
+        await asyncio.wait_for(trainer.close(), STEP)
+        assert [call[0] for call in bluez.calls] == [
+            "RegisterApplication", "RegisterAdvertisement",
+            "UnregisterAdvertisement", "UnregisterApplication"]  # asked, never answered
+        bluez.stop()
+
+    run(scenario())
+
+
+def test_the_radio_is_unavailable_while_bluetoothd_is_gone_and_advertises_again(
+        bus_address, monkeypatch):
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus_address)
+    monkeypatch.setattr(radio_module, "RETRY", (0.05, 0.1, 0.2, 0.5))
+    fakes = LoopThread()  # bluetoothd's loop; the radio runs its own on the ble thread
+    radio = Radio(BleSettings(enabled=True), LIMITS, MqttPath(), lambda c, r: None,
+                  name=NAME, seed="b1")
+    bluez = again = None
+    try:
+        bluez = fakes.call(FakeBluez(bus_address, powered=True).start())
+        radio.start()
+        wait_until(lambda: radio.status == "advertising", STEP, "the radio to advertise")
+        assert len(bluez.apps) == 1 and len(bluez.adverts) == 1
+
+        fakes.call(bluez.stopped())  # systemctl stop bluetooth
+        wait_until(lambda: radio.status == "unavailable", STEP, "the radio to give up")
+        # It retries (RETRY shortened) and says why it cannot advertise.
+        wait_until(lambda: radio.health().get("reason")
+                   == "Bluetooth: BlueZ is not on D-Bus (is bluetoothd running?)",
+                   STEP, "a retry to find bluetoothd missing")
+        assert radio.health()["state"] == "unavailable"
+
+        again = fakes.call(FakeBluez(bus_address, powered=True).start())
+        wait_until(lambda: radio.status == "advertising", STEP, "the radio to advertise again")
+        assert "reason" not in radio.health()
+        assert fakes.call(_registered(again)) == NAME
+    finally:
+        radio.stop()
+        for fake in (bluez, again):
+            if fake is not None:
+                fakes.call(fake.stopped())
+        fakes.close()
+    assert again.apps == {} and again.adverts == {}  # radio.stop() unregistered
+
+
+async def _registered(bluez):
+    """The advertised name, read on the fake's own loop."""
+    await asyncio.wait_for(bluez.advertised.wait(), STEP)
+    return bluez.advert["LocalName"]
 
 
 def test_run_returns_when_the_bus_connection_is_lost(bus_address):
@@ -403,7 +533,8 @@ def test_run_returns_when_the_bus_connection_is_lost(bus_address):
         trainer._bus.disconnect()  # the connection drops under the backend
         await asyncio.wait_for(running, 5)
         assert not stop.is_set()
-        await trainer.close()
+        assert trainer.ended == "the D-Bus connection was lost"
+        await asyncio.wait_for(trainer.close(), STEP)
         bluez.stop()
 
     run(scenario())

@@ -11,6 +11,11 @@ matters (the CCCD check, who receives an indication, where the name is advertise
 Everything runs in one asyncio loop: call the coroutines from that loop;
 :meth:`BluezTrainer.control_lost` may be called from any thread once
 :meth:`BluezTrainer.start` has run.
+
+A trainer does not recover by itself: when bluetoothd leaves the bus, the adapter goes
+away, BlueZ releases the advertisement or the D-Bus connection drops, :meth:`run`
+returns and the daemon's Bluetooth loop (:mod:`smartbiked.ble.radio`) closes it and
+starts a new one, which waits for bluetoothd and the adapter like the first one did.
 """
 
 # No ``from __future__ import annotations`` here: dbus-fast reads the D-Bus signatures
@@ -18,7 +23,7 @@ Everything runs in one asyncio loop: call the coroutines from that loop;
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from dbus_fast import BusType, DBusError, Message, MessageType, PropertyAccess, Variant
@@ -68,6 +73,9 @@ ADVERT_PATH = "/org/smartbiked/advertisement0"
 
 #: Seconds BlueZ may take to answer one call before start() gives up.
 CALL_TIMEOUT = 10.0
+#: Seconds close() waits for one answer: a bluetoothd going down may never answer, and
+#: the daemon's shutdown and Bluetooth retries must not hang on it.
+CLOSE_TIMEOUT = 2.0
 
 DBusStrings = Annotated[list[str], DBusSignature("as")]
 
@@ -203,7 +211,6 @@ class Advertisement(ServiceInterface):
     @dbus_method()
     def Release(self) -> None:
         # BlueZ dropped the advertisement (adapter gone, bluetoothd stopping).
-        log.warning("Bluetooth: BlueZ released the advertisement")
         self._on_release()
 
 
@@ -230,7 +237,9 @@ class BluezTrainer:
         self._app_registered = False
         self._advert_registered = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Why the registration ended under us (None while it stands); run() returns then.
+        self.ended: str | None = None
+        self._ended = asyncio.Event()
         self.advertisement = Advertisement(name, self._released)
         self.services: list[Service] = []
         self.characteristics: list[Characteristic] = []
@@ -279,20 +288,22 @@ class BluezTrainer:
         """Register the application and the advertisement with BlueZ.
 
         Raises BluetoothUnavailable (one line) when there is no bus, no BlueZ on it or
-        no such adapter, or BlueZ refuses; nothing stays registered then.
+        no such adapter, or BlueZ refuses, or either goes away meanwhile; nothing stays
+        registered then.
         """
         if self._bus is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self.ended = None
+        self._ended = asyncio.Event()
         bus = await self._connect()
         self._bus = bus
         try:
-            self._bluez = await self._owner_of_bluez(bus)
-            await self._check_adapter(bus)
-            # Watch the devices before anything can connect, so no disconnection is missed.
+            # Watch before asking who owns org.bluez and registering, so that bluetoothd
+            # leaving, the adapter going or a central disconnecting is never missed.
             bus.add_message_handler(self._on_signal)
             for rule in (
-                # bluetoothd restarting (an upgrade, a crash) forgets every registration.
+                # bluetoothd stopping (an upgrade, a crash) forgets every registration.
                 f"type='signal',sender='{BUS_DRIVER}',interface='{BUS_DRIVER}',"
                 f"member='NameOwnerChanged',arg0='{BLUEZ}'",
                 f"type='signal',sender='{BLUEZ}',interface='{PROPERTIES}',"
@@ -303,35 +314,48 @@ class BluezTrainer:
             ):
                 await self._call(bus, BUS_DRIVER, BUS_DRIVER_PATH, BUS_DRIVER, "AddMatch", "s",
                                  [rule])
+            self._bluez = await self._owner_of_bluez(bus)
+            await self._check_adapter(bus)
             for service in self.services:
                 bus.export(service.path, service)
             for char in self.characteristics:
                 bus.export(char.path, char)
             bus.export(ADVERT_PATH, self.advertisement)
             await self._register(bus)
+            if self.ended is not None:
+                raise BluetoothUnavailable(f"Bluetooth: {self.ended}")
         except BaseException:
             await self.close()
             raise
 
     async def run(self, period: float, stop: asyncio.Event) -> None:
-        """Notify every ``period`` seconds until ``stop`` is set, or until the D-Bus
-        connection is lost (the daemon then starts again from :meth:`start`)."""
+        """Notify every ``period`` seconds until ``stop`` is set, or until the services
+        are gone: bluetoothd left the bus, the adapter was removed, BlueZ released the
+        advertisement or the D-Bus connection was lost. Then it logs why (:attr:`ended`)
+        and returns; the daemon closes this trainer and starts a new one."""
         bus = self._bus
         if bus is None:
             return
         # The bus's own future: waited on, never cancelled (close() waits on it too).
         lost = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
-        while not stop.is_set() and not lost.done():
-            try:
-                self.notify()
-            except Exception:
-                log.exception("Bluetooth notification failed")
-            stopped = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({stopped, lost}, timeout=period,
-                               return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-        if not stop.is_set():
-            log.warning("Bluetooth: the D-Bus connection was lost")
+        ended = asyncio.ensure_future(self._ended.wait())
+        try:
+            while not stop.is_set() and not lost.done() and self.ended is None:
+                try:
+                    self.notify()
+                except Exception:
+                    log.exception("Bluetooth notification failed")
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({stopped, lost, ended}, timeout=period,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+        finally:
+            ended.cancel()
+        if stop.is_set():
+            return
+        if self.ended is None:
+            self._bus_lost()
+        log.warning("Bluetooth: %s", self.ended)
 
     def notify(self) -> None:
         """Notify the current readings to the subscribers (call once a second or so)."""
@@ -352,20 +376,22 @@ class BluezTrainer:
             self._loop.call_soon_threadsafe(self._status, status)
 
     async def close(self) -> None:
-        """Unregister the advertisement and the application, leave the bus. Idempotent."""
+        """Unregister what BlueZ still holds, leave the bus. Idempotent, and quick: each
+        call waits :data:`CLOSE_TIMEOUT` seconds at most, and none goes to a bluetoothd
+        that left, an adapter that is gone or an advertisement BlueZ released."""
         bus, self._bus = self._bus, None
         if bus is None:
             return
-        for task in list(self._tasks):
-            task.cancel()
-        if self._advert_registered:
-            self._advert_registered = False
-            await self._quiet_call(bus, ADVERTISING_MANAGER, "UnregisterAdvertisement",
-                                   [ADVERT_PATH])
-        if self._app_registered:
-            self._app_registered = False
-            await self._quiet_call(bus, GATT_MANAGER, "UnregisterApplication", [APP_ROOT])
+        # From here on a signal changes nothing: this trainer is done.
         bus.remove_message_handler(self._on_signal)
+        advert, app = self._advert_registered, self._app_registered
+        self._advert_registered = self._app_registered = False
+        if bus.connected and self._bluez is not None:
+            if advert:
+                await self._quiet_call(bus, ADVERTISING_MANAGER, "UnregisterAdvertisement",
+                                       [ADVERT_PATH])
+            if app:
+                await self._quiet_call(bus, GATT_MANAGER, "UnregisterApplication", [APP_ROOT])
         for path in [s.path for s in self.services] + [c.path for c in self.characteristics]:
             bus.unexport(path)
         bus.unexport(ADVERT_PATH)
@@ -373,7 +399,7 @@ class BluezTrainer:
         try:
             # dbus-fast leaves this one coroutine unannotated.
             await asyncio.wait_for(bus.wait_for_disconnect(),  # type: ignore[no-untyped-call]
-                                   CALL_TIMEOUT)
+                                   CLOSE_TIMEOUT)
         except Exception as e:  # already gone, or torn down uncleanly: either way, done
             log.debug("D-Bus disconnection: %s", e)
 
@@ -391,11 +417,12 @@ class BluezTrainer:
             ) from e
 
     async def _call(self, bus: MessageBus, destination: str, path: str, interface: str,
-                    member: str, signature: str, body: list[Any]) -> Message:
+                    member: str, signature: str, body: list[Any],
+                    timeout: float = CALL_TIMEOUT) -> Message:
         """One method call; a D-Bus error reply is raised as DBusError."""
         reply = await asyncio.wait_for(bus.call(Message(
             destination=destination, path=path, interface=interface, member=member,
-            signature=signature, body=body)), CALL_TIMEOUT)
+            signature=signature, body=body)), timeout)
         if reply.message_type == MessageType.ERROR:
             raise DBusError(reply.error_name or "unknown",
                             str(reply.body[0]) if reply.body else "")
@@ -441,32 +468,41 @@ class BluezTrainer:
         self._advert_registered = True
         log.info("Bluetooth: %s advertised as %r through BlueZ", self.adapter, self.name)
 
-    async def _register_again(self) -> None:
-        """bluetoothd is back on the bus: the same objects, registered anew."""
-        bus = self._bus
-        if bus is None:
-            return
-        try:
-            await self._check_adapter(bus)
-            await self._register(bus)
-        except BluetoothUnavailable as e:
-            log.warning("%s", e)
-        except Exception as e:  # the bus went away meanwhile, mostly
-            log.warning("Bluetooth: registering again with BlueZ failed: %s", _why(e))
+    def _end(self, reason: str, *, links_gone: bool) -> None:
+        """The registration ended under us: release control and wake run(). The first
+        reason is kept. ``links_gone``: every central's link went with it."""
+        if self._bus is None:
+            return  # closed, or closing: nobody to tell
+        if links_gone:
+            for char in self.characteristics:
+                char.notifying = False  # nobody subscribed is left to notify
+        if self.ended is None:
+            self.ended = reason
+            self._ended.set()
+        # Machine Status must not go on claiming control for an app that cannot reach
+        # the bike any more (with links still up, it is told: Control Permission Lost).
+        status = self.control.revoke(f"Bluetooth: {reason}")
+        if status is not None:
+            self._status(status)
 
     def _bluez_left(self) -> None:
         """bluetoothd left the bus: its registrations, subscriptions and links are gone."""
-        log.warning("Bluetooth: bluetoothd left D-Bus; registering again when it is back")
         self._bluez = None
         self._app_registered = self._advert_registered = False
-        for char in self.characteristics:
-            char.notifying = False  # StartNotify comes again with the new subscriptions
-        controller = self.control.controller
-        if controller is not None:
-            self.control.disconnected(controller)  # nobody left to tell
+        self._end("bluetoothd left D-Bus", links_gone=True)
+
+    def _adapter_removed(self) -> None:
+        """The adapter went (unplugged, powered down for good): with it, what was on it."""
+        self._app_registered = self._advert_registered = False
+        self._end(f"adapter {self.adapter} was removed from BlueZ", links_gone=True)
 
     def _released(self) -> None:
+        """BlueZ dropped the advertisement (not to be unregistered); the app may stay."""
         self._advert_registered = False
+        self._end("BlueZ released the advertisement", links_gone=False)
+
+    def _bus_lost(self) -> None:
+        self._end("the D-Bus connection was lost", links_gone=True)
 
     async def _bluez_call(self, bus: MessageBus, interface: str, member: str,
                           signature: str, body: list[Any], what: str) -> None:
@@ -479,21 +515,21 @@ class BluezTrainer:
     async def _quiet_call(self, bus: MessageBus, interface: str, member: str,
                           body: list[Any]) -> None:
         try:
-            await self._call(bus, BLUEZ, self.adapter_path, interface, member, "o", body)
+            await self._call(bus, BLUEZ, self.adapter_path, interface, member, "o", body,
+                             CLOSE_TIMEOUT)
         except Exception as e:  # bluetoothd gone or restarted: nothing left to undo
             log.info("Bluetooth: %s: %s", member, _why(e))
 
     def _on_signal(self, msg: Message) -> bool:
-        """bluetoothd coming and going, and Device1 changes: centrals connecting or leaving."""
+        """bluetoothd and the adapter going, and Device1 changes: centrals connecting or
+        leaving."""
         if msg.message_type != MessageType.SIGNAL:
             return False
         if (msg.sender == BUS_DRIVER and msg.member == "NameOwnerChanged"
                 and msg.signature == "sss" and msg.body[0] == BLUEZ):
-            if msg.body[1] and self._bluez is not None:
+            # Gone, or handed to another process: either way ours forgot us.
+            if self._bluez is not None and msg.body[1] == self._bluez:
                 self._bluez_left()
-            if msg.body[2]:
-                self._bluez = msg.body[2]
-                self._spawn(self._register_again())
             return False
         if msg.sender != self._bluez or msg.sender is None:
             return False
@@ -507,14 +543,12 @@ class BluezTrainer:
                 else:
                     self._gone(msg.path)
         elif (msg.member == "InterfacesRemoved" and msg.interface == OBJECT_MANAGER
-              and msg.signature == "oas" and DEVICE in msg.body[1]):
-            self._gone(str(msg.body[0]))
+              and msg.signature == "oas"):
+            if DEVICE in msg.body[1]:
+                self._gone(str(msg.body[0]))
+            elif ADAPTER in msg.body[1] and msg.body[0] == self.adapter_path:
+                self._adapter_removed()
         return False  # let dbus-fast route it on as usual
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _gone(self, device: str) -> None:
         if not device.startswith(self.adapter_path + "/"):
