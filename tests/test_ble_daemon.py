@@ -218,6 +218,7 @@ def test_without_its_radio_the_bike_rides_on_mqtt_and_finds_the_radio_when_it_co
     probe.json("bike/000001/health", lambda d: d.get("bluetooth", {}).get("state")
                == "advertising", timeout=40, after=mark)
     assert air.call(app.find(NAME))
+    assert daemon.output().count(f"transport tcp-client:127.0.0.1:{air.port} lost") == 1
 
 
 @contextlib.contextmanager

@@ -14,6 +14,9 @@ asyncio loop, the ``ble`` thread's:
   revoke Bluetooth control and notify Machine Status "Control Permission Lost";
 * :meth:`close` (must): unregister and release the stack; safe to call twice.
 
+A backend **may** set ``ended`` (a short reason, already logged) when :meth:`run`
+returns because the stack went away; the daemon shows it in the health message.
+
 Connections, Control Point writes and CCCD checks are the backend's own business; it
 hands every write to ``control.write(peer, bytes)`` and sends back what it answers.
 """

@@ -250,6 +250,8 @@ class BumbleBackend:
         self.seed = seed
         self._transport: Any = None
         self._trainer: BumbleTrainer | None = None
+        #: Why run() returned on its own (the transport lost), None otherwise.
+        self.ended: str | None = None
 
     async def start(self) -> None:
         """Open the transport, power on and advertise."""
@@ -277,7 +279,8 @@ class BumbleBackend:
         finally:
             notifying.cancel()
         if lost.done() and not stop.is_set():
-            log.warning("Bluetooth: transport %s lost", self.spec)
+            self.ended = f"transport {self.spec} lost"
+            log.warning("Bluetooth: %s", self.ended)
 
     def control_lost(self, reason: str) -> None:
         """An MQTT app took over (any thread)."""

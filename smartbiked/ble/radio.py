@@ -164,7 +164,10 @@ class Radio:
             if stop.is_set():
                 break
             if failures == 0:
-                self._down("Bluetooth: the backend stopped")
+                # The backend said why it stopped (its `ended`) in the log already.
+                ended = getattr(backend, "ended", None)
+                self._down(f"Bluetooth: {ended}" if ended else "Bluetooth: the backend stopped",
+                           logged=ended is not None)
                 failures = 1
             wait = RETRY[min(failures, len(RETRY)) - 1]
             try:
@@ -177,9 +180,10 @@ class Radio:
         log.info("Bluetooth: advertising as %r (%s)", self.name, self.settings.backend)
         self._changed()
 
-    def _down(self, reason: str) -> None:
+    def _down(self, reason: str, logged: bool = False) -> None:
         if reason != self.reason:  # once per distinct reason, not once per retry
-            log.warning("%s; trying again", reason)
+            if not logged:
+                log.warning("%s; trying again", reason)
             self.status, self.reason = "unavailable", reason
             self._changed()
 
