@@ -16,6 +16,7 @@ import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 from packaging.markers import default_environment
@@ -219,17 +220,11 @@ def locked(lock: Path = LOCK) -> dict[str, tuple[str, list[str]]]:
     return pins
 
 
-def test_lock_pins_every_runtime_dependency_with_a_hash():
-    """Every runtime dependency (and theirs) is pinned to one version with its hash.
-
-    pip --require-hashes --no-deps installs exactly this list, so a missing package
-    would be missing on the bike. systemd-python comes from apt (python3-systemd).
-    """
-    pins = locked()
-    assert all(hashes for _, hashes in pins.values())
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+def follow(wanted: list[Requirement], pins: dict[str, Any], where: str,
+           skip: frozenset[str] | set[str] = frozenset()) -> set[str]:
+    """Every package ``wanted`` needs, with theirs (as far as the installed metadata
+    tells), each checked to be pinned in ``pins`` at a version it accepts."""
     environment = default_environment()
-    wanted = [Requirement(spec) for spec in project["dependencies"]]
     seen: set[str] = set()
     while wanted:
         req = wanted.pop()
@@ -237,9 +232,9 @@ def test_lock_pins_every_runtime_dependency_with_a_hash():
         if name in seen or (req.marker and not req.marker.evaluate(environment)):
             continue
         seen.add(name)
-        if name == "systemd-python":
+        if name in skip:
             continue
-        assert name in pins, f"{req} is not in deploy/requirements.lock"
+        assert name in pins, f"{req} is not in {where}"
         version = pins[name][0]
         assert req.specifier.contains(version, prereleases=True), (
             f"locked {name}=={version} does not satisfy {req}")
@@ -249,6 +244,20 @@ def test_lock_pins_every_runtime_dependency_with_a_hash():
             continue  # not installed here (setuptools in some venvs): no metadata to follow
         if dist.version == version:
             wanted.extend(Requirement(r) for r in dist.requires or ())
+    return seen
+
+
+def test_lock_pins_every_runtime_dependency_with_a_hash():
+    """Every runtime dependency (and theirs) is pinned to one version with its hash.
+
+    pip --require-hashes --no-deps installs exactly this list, so a missing package
+    would be missing on the bike. systemd-python comes from apt (python3-systemd).
+    """
+    pins = locked()
+    assert all(hashes for _, hashes in pins.values())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    follow([Requirement(spec) for spec in project["dependencies"]], pins,
+           "deploy/requirements.lock", skip={"systemd-python"})
     # The build back end of smartbiked itself (built with --no-build-isolation).
     backend = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
     for spec in backend["requires"]:
@@ -365,26 +374,9 @@ def test_ble_lock_pins_the_ble_extra_with_hashes():
     assert not set(pins) & set(main), "a package in both locks"
     assert all(hashes for _, hashes in pins.values())
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    environment = default_environment()
     wanted = [Requirement(spec) for spec in project["optional-dependencies"]["ble"]]
     wanted += [Requirement(canonicalize_name(module)) for module in BACKENDS.values()]
-    seen: set[str] = set()
-    while wanted:
-        req = wanted.pop()
-        name = canonicalize_name(req.name)
-        if name in seen or (req.marker and not req.marker.evaluate(environment)):
-            continue
-        seen.add(name)
-        version = (pins.get(name) or main.get(name) or (None,))[0]
-        assert version is not None, f"{req} is in neither lock"
-        assert req.specifier.contains(version, prereleases=True), (
-            f"locked {name}=={version} does not satisfy {req}")
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            continue
-        if dist.version == version:
-            wanted.extend(Requirement(r) for r in dist.requires or ())
+    seen = follow(wanted, {**main, **pins}, "either lock")
     assert {"dbus-fast", "bumble"} <= seen
     assert len(pins["dbus-fast"][1]) >= 2, "dbus-fast is compiled: a hash per machine"
     assert set(pins) <= seen, f"locked but not needed: {set(pins) - seen}"
