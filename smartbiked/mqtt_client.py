@@ -112,6 +112,31 @@ class _LivenessClient(mqtt.Client):
         with self._write_lock:
             return super().loop_write()
 
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: mqtt.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        # paho's own version wakes the loop thread (a byte on its socket pair) for every
+        # packet, then writes it at once from the caller's thread anyway: a wasted wake and
+        # context switch per message (a PUBACK, each report). Here the loop is woken only
+        # when the packet is still waiting after that write, or could not be written (the
+        # loop thread is in a callback, or the socket is full): the loop looks at what is
+        # waiting before each select(), so nothing else can be left behind.
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
+                                 "to_process": len(packet), "packet": packet, "info": info})
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        if (self._thread is None and self._on_socket_register_write is None
+                and self._in_callback_mutex.acquire(False)):
+            self._in_callback_mutex.release()
+            rc = self.loop_write()
+            if not self.want_write():
+                return rc
+        if self._sockpairW is not None:
+            try:
+                self._sockpairW.send(b"0")
+            except BlockingIOError:
+                pass  # a wake is pending already
+        self._call_socket_register_write()
+        return rc
+
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         result = super().loop_read(max_packets)
         _quick_ack(self.socket())
