@@ -144,6 +144,7 @@ class Outbox:
         self._sent_on_link: set[str] = set()
         self._closed = False
         self._in_hand = 0  # taken from the line, not yet handed to paho
+        self._draining = 0  # threads waiting in drain()
         self._thread: threading.Thread | None = None
 
     # -- producers ------------------------------------------------------------------------
@@ -249,7 +250,12 @@ class Outbox:
                 self.counters.rejected += 1
                 log.warning("the broker refused the message on %.60r: %s",
                             entry[1].topic, reason_code)
-            self._cond.notify_all()
+            # Waking the sending thread for every acknowledgement costs a context switch
+            # per message: it waits for one only when the broker's Receive Maximum is
+            # reached (and drain() waits for the last one).
+            if self._draining or (entry is not None and len(self._unacked) + 1
+                                  >= max(1, self.client.broker_receive_max)):
+                self._cond.notify_all()
 
     # -- the sending thread -------------------------------------------------------------------
 
@@ -268,11 +274,15 @@ class Outbox:
         """Wait until everything waiting is sent and acknowledged; False on timeout."""
         deadline = self.clock() + timeout
         with self._cond:
-            while self._line or self._unacked or self._in_hand:
-                left = deadline - self.clock()
-                if left <= 0 or not self.client.is_connected():
-                    return False
-                self._cond.wait(min(left, 0.1))
+            self._draining += 1
+            try:
+                while self._line or self._unacked or self._in_hand:
+                    left = deadline - self.clock()
+                    if left <= 0 or not self.client.is_connected():
+                        return False
+                    self._cond.wait(min(left, 0.1))
+            finally:
+                self._draining -= 1
         return True
 
     def pending(self) -> int:
