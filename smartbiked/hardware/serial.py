@@ -765,9 +765,11 @@ class SerialActuator(Actuator):
         ack = self.ack
         attempts = 1 + self.retries
         for attempt in range(1, attempts + 1):
-            # An answer to an earlier command still in the pipe must not pass for
-            # this one's: read everything waiting before sending.
-            self.board.drain()
+            if ack is not None:
+                # An answer to an earlier command still in the pipe must not pass for
+                # this one's: read everything waiting before sending. (Without an ack
+                # nothing is waited for: readings waiting are read right after.)
+                self.board.drain()
             self.board.write(data)
             if ack is None:
                 return value
