@@ -325,11 +325,9 @@ class Bike:
                 self._backlog.append(self._inbox.get(timeout=max(wait, 0.0)))
             except queue.Empty:
                 return
-        while len(self._backlog) < MAX_BATCH:
-            try:
-                self._backlog.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
+        # empty() first: an Empty exception per pass costs more than the item itself.
+        while len(self._backlog) < MAX_BATCH and not self._inbox.empty():
+            self._backlog.append(self._inbox.get_nowait())  # only this thread takes
 
     def _handle(self, kind: str, item: Any, hold: str | None) -> None:
         if kind in _HELD and (hold is not None or self._finished):
@@ -377,17 +375,20 @@ class Bike:
             self._scheduler.run_due()
         self._check_offline()
         for slot in list(self._slots.values()):
-            self._start(slot)  # a command held back by min_interval may be due now
+            if slot.pending is not None and slot.busy is None:
+                self._start(slot)  # a command held back by min_interval may be due now
         syncs, self._syncs = self._syncs, []
         for done in syncs:
             done.set()
 
     def _next_due(self) -> float:
         """Seconds until a held-back command may be written or the broker's outage is due."""
-        now = self.clock()
         dues = [s.last_write + s.driver.settings["min_interval"] for s in self._slots.values()
                 if s.busy is None and s.pending is not None and s.pending.command is not None]
         since = self._offline_since
+        if not dues and since is None:
+            return math.inf
+        now = self.clock()
         if since is not None and self._safe_for != self._outage:
             dues.append(since + self.config.offline_safe_after)
         return max(0.0, min(dues) - now) if dues else math.inf
@@ -505,6 +506,11 @@ class Bike:
     def _set_state(self, topic: str, state: str, reason: str | None = None) -> None:
         """Record a topic's state and tell the outbox, once per change (the first reason wins)."""
         reason = None if state == RUNNING else reason
+        # Only this thread writes states: an unchanged one (every reading, every
+        # command) needs no lock.
+        old = self._states.get(topic)
+        if old is not None and old[0] == state:
+            return
         with self._lock:
             old = self._states.get(topic)
             if old is not None and old[0] == state:
@@ -722,7 +728,8 @@ class Bike:
             slot.value = value
             if write.command is not None:
                 self._count("commands_written")
-                log.debug("%s: set to %g", topic, value, extra=fields)
+                if log.isEnabledFor(logging.DEBUG):  # every command: skip the call
+                    log.debug("%s: set to %g", topic, value, extra=fields)
             else:
                 self._count("bike_writes")
                 log.info("%s: set to %g (%s)", topic, value, write.why, extra=fields)
