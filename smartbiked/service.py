@@ -453,10 +453,12 @@ class Service:
             why = error or "not applied"
             self._refuse(Refusal(command.topic, why, self.limits.get(command.topic)), replies)
             return
-        body = applied_payload(value, time.time(), self.config.device_name)
-        for reply in replies:
-            self._answer(reply, body)
-        self._health_due.set()  # counters (coalesced commands) may have moved
+        if replies:
+            body = applied_payload(value, time.time(), self.config.device_name)
+            for reply in replies:
+                self._answer(reply, body)
+        if not self._health_due.is_set():  # set() takes a lock: once per health message
+            self._health_due.set()  # counters (coalesced commands) may have moved
 
 
     def driver_state(self, topic: str, state: str, reason: str | None) -> None:
