@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 try:
     import paho.mqtt.client as mqtt
@@ -36,6 +36,7 @@ except ImportError as exc:  # Debian's python3-paho-mqtt is 1.6, without Callbac
     ) from exc
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger("smartbiked.mqtt")
 
@@ -91,6 +92,23 @@ def _set_reconnect_delay(client: mqtt.Client, delay: float) -> None:
     client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
 
+#: A PUBACK's reason codes (shared, read-only), by value; and its empty properties.
+_PUBACK_REASONS: dict[int, ReasonCode] = {}
+_NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
+
+
+def _puback_reason(value: int) -> ReasonCode | None:
+    """The shared ReasonCode of a PUBACK reason value; None if it names none."""
+    reason = _PUBACK_REASONS.get(value)
+    if reason is None:
+        try:
+            reason = ReasonCode(PacketTypes.PUBACK, identifier=value)
+        except (KeyError, ValueError):
+            return None  # not a PUBACK reason: paho decides what that means
+        _PUBACK_REASONS[value] = reason
+    return reason
+
+
 class _LivenessClient(mqtt.Client):
     """paho's client, safe to publish from several threads, watched, and telling why it failed.
 
@@ -136,6 +154,26 @@ class _LivenessClient(mqtt.Client):
                 pass  # a wake is pending already
         self._call_socket_register_write()
         return rc
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        # paho decodes every PUBACK into a new ReasonCode and Properties, and building a
+        # Properties costs more than all the rest of an acknowledgement. One without
+        # properties (nearly all: two bytes for success, three with a reason code such
+        # as "no matching subscribers") gets a shared ReasonCode instead: on_publish only
+        # reads it. Anything else is paho's to decode.
+        packet = self._in_packet["packet"]
+        size = len(packet)
+        if (cmd != "PUBACK" or self._protocol != mqtt.MQTTv5 or not 2 <= size <= 4
+                or (size == 4 and packet[3] != 0)):
+            return super()._handle_pubackcomp(cmd)
+        reason = _puback_reason(packet[2] if size > 2 else 0)
+        if reason is None:
+            return super()._handle_pubackcomp(cmd)
+        mid = int.from_bytes(packet[:2], "big")
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, reason, _NO_PUBACK_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         result = super().loop_read(max_packets)
@@ -291,7 +329,8 @@ class MQTTClient:
 
     def on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Called for each message received; subclasses extend it and call ``super()``."""
-        log.debug("message on %s (%d bytes)", msg.topic, len(msg.payload))
+        if log.isEnabledFor(logging.DEBUG):  # msg.topic decodes the topic on every access
+            log.debug("message on %s (%d bytes)", msg.topic, len(msg.payload))
 
     def on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                    properties: Any) -> None:
