@@ -95,6 +95,8 @@ def _set_reconnect_delay(client: mqtt.Client, delay: float) -> None:
 #: A PUBACK's reason codes (shared, read-only), by value; and its empty properties.
 _PUBACK_REASONS: dict[int, ReasonCode] = {}
 _NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
+#: A received PUBLISH's properties when it carries none (shared, read-only).
+_NO_PUBLISH_PROPERTIES = Properties(PacketTypes.PUBLISH)
 
 
 def _puback_reason(value: int) -> ReasonCode | None:
@@ -155,6 +157,33 @@ class _LivenessClient(mqtt.Client):
         self._call_socket_register_write()
         return rc
 
+    def _handle_publish(self) -> MQTTErrorCode:
+        # Likewise paho builds a new Properties for every PUBLISH received. One at QoS 0
+        # or 1 without properties (a command with no reply address) is decoded here,
+        # with shared empty properties (handlers only read them); everything else
+        # (properties, QoS 2, manual acks, paho's own logging) is paho's.
+        header, packet = self._in_packet["command"], self._in_packet["packet"]
+        qos = (header & 0x06) >> 1
+        if (self._protocol != mqtt.MQTTv5 or qos == 2 or self._manual_ack
+                or self._logger is not None or self.on_log is not None or len(packet) < 2):
+            return super()._handle_publish()
+        start = 2 + int.from_bytes(packet[:2], "big")  # past the topic
+        props = start + (2 if qos else 0)  # past the packet id: the properties' length
+        if len(packet) <= props or packet[props] != 0:
+            return super()._handle_publish()  # properties (or a malformed packet)
+        message = mqtt.MQTTMessage(mid=int.from_bytes(packet[start:props], "big") if qos else 0,
+                                   topic=bytes(packet[2:start]))
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.properties = _NO_PUBLISH_PROPERTIES
+        message.payload = bytes(packet[props + 1:])
+        message.timestamp = mqtt.time_func()
+        self._handle_on_message(message)
+        if qos == 1:
+            return self._send_puback(message.mid)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
         # paho decodes every PUBACK into a new ReasonCode and Properties, and building a
         # Properties costs more than all the rest of an acknowledgement. One without
@@ -164,7 +193,8 @@ class _LivenessClient(mqtt.Client):
         packet = self._in_packet["packet"]
         size = len(packet)
         if (cmd != "PUBACK" or self._protocol != mqtt.MQTTv5 or not 2 <= size <= 4
-                or (size == 4 and packet[3] != 0)):
+                or (size == 4 and packet[3] != 0)
+                or self._logger is not None or self.on_log is not None):
             return super()._handle_pubackcomp(cmd)
         reason = _puback_reason(packet[2] if size > 2 else 0)
         if reason is None:

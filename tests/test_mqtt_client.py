@@ -194,3 +194,42 @@ def test_each_acknowledgement_says_what_the_broker_did_with_the_message(make_bro
         loop.join(10)
         app.disconnect()
         app.loop_stop()
+
+
+def test_received_messages_carry_topic_payload_qos_retain_and_properties(broker, probe):
+    # Messages without properties are decoded by the client itself, those with them by
+    # paho: both must arrive the same, whatever their QoS, retain flag and payload.
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    got: list[Any] = []
+    ready = threading.Event()
+    client = MQTTClient(broker.host, "", "", broker.port, client_id="receiver")
+    client.on_message = lambda c, u, m: got.append(  # type: ignore[method-assign]
+        (m.topic, m.payload, m.qos, m.retain, getattr(m.properties, "ResponseTopic", None)))
+    client.on_ready = ready.set  # type: ignore[method-assign]
+    client.setup_mqtt_client()
+    client.subscribe("rx/#", qos=1)
+    loop = threading.Thread(target=client.loop_forever, daemon=True)
+    loop.start()
+    try:
+        assert ready.wait(10)
+        reply = Properties(PacketTypes.PUBLISH)
+        reply.ResponseTopic = "rx-answers/1"
+        sent = [("rx/a", b'{"value": 1}', 1, False, None), ("rx/b", b"", 0, False, None),
+                ("rx/c/é", b"\x00\xff" * 300, 1, False, None),
+                ("rx/d", b"2", 1, False, "rx-answers/1")]
+        for topic, payload, qos, _, response in sent:
+            probe.client.publish(topic, payload, qos,
+                                 properties=reply if response else None).wait_for_publish(5)
+        wait_until(lambda: len(got) == len(sent), 10, "every message")
+        assert got == [(t, p, q, r, rt)
+                       for t, p, q, r, rt in sent]
+        probe.client.publish("rx/kept", b"3", 1, retain=True).wait_for_publish(5)
+        wait_until(lambda: len(got) == len(sent) + 1, 10, "the retained message")
+        client.subscribe("rx/kept")  # a new subscription: the broker sends it retained
+        wait_until(lambda: len(got) == len(sent) + 2, 10, "the retained message again")
+        assert got[-2:] == [("rx/kept", b"3", 1, False, None), ("rx/kept", b"3", 1, True, None)]
+    finally:
+        client.disconnect()
+        loop.join(10)
