@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 try:
@@ -205,9 +206,16 @@ class _LivenessClient(mqtt.Client):
                 return self._do_on_publish(mid, reason, _NO_PUBACK_PROPERTIES)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
+    #: Called on the loop thread after each read (see MQTTClient.after_read).
+    after_read: Callable[[], None] | None = None
+
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        result = super().loop_read(max_packets)
-        _quick_ack(self.socket())
+        try:
+            result = super().loop_read(max_packets)
+            _quick_ack(self.socket())
+        finally:
+            if self.after_read is not None:
+                self.after_read()
         return result
 
     def loop_misc(self) -> MQTTErrorCode:
@@ -323,6 +331,7 @@ class MQTTClient:
         client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.after_read = self._after_read
         client.on_subscribe = self._handle_subscribe
         client.on_publish = self._handle_publish
         client.on_socket_open = _no_delay
@@ -374,6 +383,15 @@ class MQTTClient:
 
     def on_publish(self, mid: int, reason_code: Any) -> None:
         """Called when the broker acknowledged the QoS 1 message ``mid`` (from the loop)."""
+
+    def after_read(self) -> None:
+        """Called on the loop thread after each read from the socket, once the messages it
+        carried were handled and acknowledged, just before the loop waits again.
+
+        Work that other threads do for those messages is best handed over here: a thread
+        woken earlier would wait for the loop to release the GIL (paho still writes its
+        acknowledgements), a context switch more per message.
+        """
 
     def loop_forever(self) -> None:
         """Run the network loop in this thread until :meth:`disconnect`; reconnects as needed."""
@@ -564,6 +582,12 @@ class MQTTClient:
                               force=True)
         except Exception:
             log.exception("error in on_subscribe")
+
+    def _after_read(self) -> None:
+        try:
+            self.after_read()
+        except Exception:
+            log.exception("error in after_read")
 
     def _handle_message(self, client: mqtt.Client, userdata: Any,
                         msg: mqtt.MQTTMessage) -> None:

@@ -140,6 +140,9 @@ class BikeConnection(MQTTClient):
         super().on_message(client, userdata, msg)
         self.service.handle_control(msg)
 
+    def after_read(self) -> None:
+        self.service.hand_over()
+
 
 class Service:
     """One bike's daemon; also the :class:`smartbiked.bike.Outbox` of its hardware thread."""
@@ -160,6 +163,8 @@ class Service:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._exit_status = 0
+        # Commands parsed on the loop thread, not yet handed to the hardware thread.
+        self._arrived: list[tuple[Command, Reply | None]] = []
 
     def _make_coach(self, config: configuration.Config) -> Coach | None:
         return Coach.create(config, lambda command: self.bike.submit(command, None),
@@ -378,9 +383,21 @@ class Service:
         elif result.topic in TRAINER_TOPICS:
             self._coach_command(result, reply)
         else:
+            # Handed to the hardware thread once paho has acknowledged it (hand_over).
+            self._arrived.append((result, reply))
+
+    def hand_over(self) -> None:
+        """Give the hardware thread the commands parsed since the last read (loop thread).
+
+        Called by the connection after each read, in the order they came.
+        """
+        if not self._arrived:
+            return
+        arrived, self._arrived = self._arrived, []
+        for command, reply in arrived:
             if self.coach is not None:
-                self.coach.app_command(result)
-            self.bike.submit(result, reply)
+                self.coach.app_command(command)
+            self.bike.submit(command, reply)
 
     def _coach_command(self, command: Command, reply: Reply | None) -> None:
         why = (self.coach.command(command) if self.coach is not None
