@@ -36,7 +36,7 @@ from smartbiked.hardware import (
     Sensor,
     SerialBoard,
 )
-from smartbiked.hardware.base import Board
+from smartbiked.hardware.base import Board, hold_wakes, release_wakes
 from smartbiked.scheduler import Job, Scheduler
 from smartbiked.topics import Command
 
@@ -270,6 +270,7 @@ class Bike:
 
     def _run(self) -> None:
         self._ident = threading.get_ident()
+        hold_wakes()
         try:
             self._open_all()
             # Boards open on their own threads; their first word sets their drivers' state.
@@ -297,9 +298,11 @@ class Bike:
         while not until():
             left = deadline - time.monotonic()
             if left <= 0:
+                release_wakes()
                 return False
             self.heartbeat = self.clock()
             wait = min(self._scheduler.run_due(), self._next_due(), MAX_SLEEP, left)
+            release_wakes()  # the boards handed writes this pass, now that this thread waits
             self._fill(wait, hold)
             for _ in range(MAX_BATCH):
                 if not self._backlog:
@@ -313,6 +316,7 @@ class Bike:
                 self._after_pass()
             except Exception:
                 log.exception("hardware thread error")
+        release_wakes()  # whoever serves next may not wait before it closes a board
         return True
 
     def _fill(self, wait: float, hold: str | None) -> None:
