@@ -426,6 +426,8 @@ class SerialBoard(Board):
                 if not data:
                     break
                 lines.extend(self._split(data))
+                if len(data) < _CHUNK:
+                    break  # all there was: a look for more would find nothing (a syscall)
         except (serial.SerialException, OSError) as exc:
             self._lost(exc)
             raise HardwareError(f"serial board {self.name}: {self.url} failed: {exc}") from exc
