@@ -381,6 +381,9 @@ class Service:
         if isinstance(result, Refusal):
             self._refuse(result, [reply] if reply else [])
         elif result.topic in TRAINER_TOPICS:
+            # The coach hears of commands in their order: an app's resistance before
+            # this target power leaves ERG before this enters it, not after.
+            self.hand_over()
             self._coach_command(result, reply)
         else:
             # Handed to the hardware thread once paho has acknowledged it (hand_over).
