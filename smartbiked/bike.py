@@ -36,7 +36,7 @@ from smartbiked.hardware import (
     Sensor,
     SerialBoard,
 )
-from smartbiked.hardware.base import Board
+from smartbiked.hardware.base import Board, hold_wakes, release_wakes
 from smartbiked.scheduler import Job, Scheduler
 from smartbiked.topics import Command
 
@@ -273,6 +273,7 @@ class Bike:
 
     def _run(self) -> None:
         self._ident = threading.get_ident()
+        hold_wakes()
         try:
             self._open_all()
             # Boards open on their own threads; their first word sets their drivers' state.
@@ -300,9 +301,11 @@ class Bike:
         while not until():
             left = deadline - time.monotonic()
             if left <= 0:
+                release_wakes()
                 return False
             self.heartbeat = self.clock()
             wait = min(self._scheduler.run_due(), self._next_due(), MAX_SLEEP, left)
+            release_wakes()  # the boards handed writes this pass, now that this thread waits
             self._fill(wait, hold)
             for _ in range(MAX_BATCH):
                 if not self._backlog:
@@ -316,6 +319,7 @@ class Bike:
                 self._after_pass()
             except Exception:
                 log.exception("hardware thread error")
+        release_wakes()  # whoever serves next may not wait before it closes a board
         return True
 
     def _fill(self, wait: float, hold: str | None) -> None:
@@ -328,11 +332,9 @@ class Bike:
                 self._backlog.append(self._inbox.get(timeout=max(wait, 0.0)))
             except queue.Empty:
                 return
-        while len(self._backlog) < MAX_BATCH:
-            try:
-                self._backlog.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
+        # empty() first: an Empty exception per pass costs more than the item itself.
+        while len(self._backlog) < MAX_BATCH and not self._inbox.empty():
+            self._backlog.append(self._inbox.get_nowait())  # only this thread takes
 
     def _handle(self, kind: str, item: Any, hold: str | None) -> None:
         if kind in _HELD and (hold is not None or self._finished):
@@ -380,17 +382,20 @@ class Bike:
             self._scheduler.run_due()
         self._check_offline()
         for slot in list(self._slots.values()):
-            self._start(slot)  # a command held back by min_interval may be due now
+            if slot.pending is not None and slot.busy is None:
+                self._start(slot)  # a command held back by min_interval may be due now
         syncs, self._syncs = self._syncs, []
         for done in syncs:
             done.set()
 
     def _next_due(self) -> float:
         """Seconds until a held-back command may be written or the broker's outage is due."""
-        now = self.clock()
         dues = [s.last_write + s.driver.settings["min_interval"] for s in self._slots.values()
                 if s.busy is None and s.pending is not None and s.pending.command is not None]
         since = self._offline_since
+        if not dues and since is None:
+            return math.inf
+        now = self.clock()
         if since is not None and self._safe_for != self._outage:
             dues.append(since + self.config.offline_safe_after)
         return max(0.0, min(dues) - now) if dues else math.inf
@@ -508,6 +513,11 @@ class Bike:
     def _set_state(self, topic: str, state: str, reason: str | None = None) -> None:
         """Record a topic's state and tell the outbox, once per change (the first reason wins)."""
         reason = None if state == RUNNING else reason
+        # Only this thread writes states: an unchanged one (every reading, every
+        # command) needs no lock.
+        old = self._states.get(topic)
+        if old is not None and old[0] == state:
+            return
         with self._lock:
             old = self._states.get(topic)
             if old is not None and old[0] == state:
@@ -729,7 +739,8 @@ class Bike:
             slot.value = value
             if write.command is not None:
                 self._count("commands_written")
-                log.debug("%s: set to %g", topic, value, extra=fields)
+                if log.isEnabledFor(logging.DEBUG):  # every command: skip the call
+                    log.debug("%s: set to %g", topic, value, extra=fields)
             else:
                 self._count("bike_writes")
                 log.info("%s: set to %g (%s)", topic, value, write.why, extra=fields)

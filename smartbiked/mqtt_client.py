@@ -24,7 +24,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 try:
     import paho.mqtt.client as mqtt
@@ -36,6 +37,7 @@ except ImportError as exc:  # Debian's python3-paho-mqtt is 1.6, without Callbac
     ) from exc
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger("smartbiked.mqtt")
 
@@ -91,6 +93,25 @@ def _set_reconnect_delay(client: mqtt.Client, delay: float) -> None:
     client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
 
+#: A PUBACK's reason codes (shared, read-only), by value; and its empty properties.
+_PUBACK_REASONS: dict[int, ReasonCode] = {}
+_NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
+#: A received PUBLISH's properties when it carries none (shared, read-only).
+_NO_PUBLISH_PROPERTIES = Properties(PacketTypes.PUBLISH)
+
+
+def _puback_reason(value: int) -> ReasonCode | None:
+    """The shared ReasonCode of a PUBACK reason value; None if it names none."""
+    reason = _PUBACK_REASONS.get(value)
+    if reason is None:
+        try:
+            reason = ReasonCode(PacketTypes.PUBACK, identifier=value)
+        except (KeyError, ValueError):
+            return None  # not a PUBACK reason: paho decides what that means
+        _PUBACK_REASONS[value] = reason
+    return reason
+
+
 class _LivenessClient(mqtt.Client):
     """paho's client, safe to publish from several threads, watched, and telling why it failed.
 
@@ -112,9 +133,89 @@ class _LivenessClient(mqtt.Client):
         with self._write_lock:
             return super().loop_write()
 
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: mqtt.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        # paho's own version wakes the loop thread (a byte on its socket pair) for every
+        # packet, then writes it at once from the caller's thread anyway: a wasted wake and
+        # context switch per message (a PUBACK, each report). Here the loop is woken only
+        # when the packet is still waiting after that write, or could not be written (the
+        # loop thread is in a callback, or the socket is full): the loop looks at what is
+        # waiting before each select(), so nothing else can be left behind.
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
+                                 "to_process": len(packet), "packet": packet, "info": info})
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        if (self._thread is None and self._on_socket_register_write is None
+                and self._in_callback_mutex.acquire(False)):
+            self._in_callback_mutex.release()
+            rc = self.loop_write()
+            if not self.want_write():
+                return rc
+        if self._sockpairW is not None:
+            try:
+                self._sockpairW.send(b"0")
+            except BlockingIOError:
+                pass  # a wake is pending already
+        self._call_socket_register_write()
+        return rc
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        # Likewise paho builds a new Properties for every PUBLISH received. One at QoS 0
+        # or 1 without properties (a command with no reply address) is decoded here,
+        # with shared empty properties (handlers only read them); everything else
+        # (properties, QoS 2, manual acks, paho's own logging) is paho's.
+        header, packet = self._in_packet["command"], self._in_packet["packet"]
+        qos = (header & 0x06) >> 1
+        if (self._protocol != mqtt.MQTTv5 or qos == 2 or self._manual_ack
+                or self._logger is not None or self.on_log is not None or len(packet) < 2):
+            return super()._handle_publish()
+        start = 2 + int.from_bytes(packet[:2], "big")  # past the topic
+        props = start + (2 if qos else 0)  # past the packet id: the properties' length
+        if len(packet) <= props or packet[props] != 0:
+            return super()._handle_publish()  # properties (or a malformed packet)
+        message = mqtt.MQTTMessage(mid=int.from_bytes(packet[start:props], "big") if qos else 0,
+                                   topic=bytes(packet[2:start]))
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.properties = _NO_PUBLISH_PROPERTIES
+        message.payload = bytes(packet[props + 1:])
+        message.timestamp = mqtt.time_func()
+        self._handle_on_message(message)
+        if qos == 1:
+            return self._send_puback(message.mid)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        # paho decodes every PUBACK into a new ReasonCode and Properties, and building a
+        # Properties costs more than all the rest of an acknowledgement. One without
+        # properties (nearly all: two bytes for success, three with a reason code such
+        # as "no matching subscribers") gets a shared ReasonCode instead: on_publish only
+        # reads it. Anything else is paho's to decode.
+        packet = self._in_packet["packet"]
+        size = len(packet)
+        if (cmd != "PUBACK" or self._protocol != mqtt.MQTTv5 or not 2 <= size <= 4
+                or (size == 4 and packet[3] != 0)
+                or self._logger is not None or self.on_log is not None):
+            return super()._handle_pubackcomp(cmd)
+        reason = _puback_reason(packet[2] if size > 2 else 0)
+        if reason is None:
+            return super()._handle_pubackcomp(cmd)
+        mid = int.from_bytes(packet[:2], "big")
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, reason, _NO_PUBACK_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    #: Called on the loop thread after each read (see MQTTClient.after_read).
+    after_read: Callable[[], None] | None = None
+
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        result = super().loop_read(max_packets)
-        _quick_ack(self.socket())
+        try:
+            result = super().loop_read(max_packets)
+            _quick_ack(self.socket())
+        finally:
+            if self.after_read is not None:
+                self.after_read()
         return result
 
     def loop_misc(self) -> MQTTErrorCode:
@@ -230,6 +331,7 @@ class MQTTClient:
         client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.after_read = self._after_read
         client.on_subscribe = self._handle_subscribe
         client.on_publish = self._handle_publish
         client.on_socket_open = _no_delay
@@ -266,7 +368,8 @@ class MQTTClient:
 
     def on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Called for each message received; subclasses extend it and call ``super()``."""
-        log.debug("message on %s (%d bytes)", msg.topic, len(msg.payload))
+        if log.isEnabledFor(logging.DEBUG):  # msg.topic decodes the topic on every access
+            log.debug("message on %s (%d bytes)", msg.topic, len(msg.payload))
 
     def on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                    properties: Any) -> None:
@@ -280,6 +383,15 @@ class MQTTClient:
 
     def on_publish(self, mid: int, reason_code: Any) -> None:
         """Called when the broker acknowledged the QoS 1 message ``mid`` (from the loop)."""
+
+    def after_read(self) -> None:
+        """Called on the loop thread after each read from the socket, once the messages it
+        carried were handled and acknowledged, just before the loop waits again.
+
+        Work that other threads do for those messages is best handed over here: a thread
+        woken earlier would wait for the loop to release the GIL (paho still writes its
+        acknowledgements), a context switch more per message.
+        """
 
     def loop_forever(self) -> None:
         """Run the network loop in this thread until :meth:`disconnect`; reconnects as needed."""
@@ -470,6 +582,12 @@ class MQTTClient:
                               force=True)
         except Exception:
             log.exception("error in on_subscribe")
+
+    def _after_read(self) -> None:
+        try:
+            self.after_read()
+        except Exception:
+            log.exception("error in after_read")
 
     def _handle_message(self, client: mqtt.Client, userdata: Any,
                         msg: mqtt.MQTTMessage) -> None:

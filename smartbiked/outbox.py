@@ -131,7 +131,10 @@ class Outbox:
         self.max_waiting = max_waiting
         self.max_age = max_age
         self.counters = Counters()
-        self._cond = threading.Condition()
+        # Producers take the lock itself (a C call); the condition only for waits and wakes.
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._sleeping = False  # the sending thread waits on the condition
         self._line: deque[str | _Message] = deque()  # a str is a state topic's place
         self._state: dict[str, _Message] = {}  # latest payload of every state topic
         self._queued_state: set[str] = set()  # state topics with a place in the line
@@ -144,6 +147,7 @@ class Outbox:
         self._sent_on_link: set[str] = set()
         self._closed = False
         self._in_hand = 0  # taken from the line, not yet handed to paho
+        self._draining = 0  # threads waiting in drain()
         self._thread: threading.Thread | None = None
 
     # -- producers ------------------------------------------------------------------------
@@ -153,12 +157,12 @@ class Outbox:
         msg = self._make(topic, payload, True, properties, "state")
         if msg is None:
             return
-        with self._cond:
+        with self._lock:
             self._state[topic] = msg
             if topic not in self._queued_state:
                 self._queued_state.add(topic)
                 self._line.append(topic)
-            self._cond.notify_all()
+            self._notify()
 
     def send(self, topic: str, payload: Any, kind: str,
              properties: Properties | None = None) -> None:
@@ -169,7 +173,7 @@ class Outbox:
         msg = self._make(topic, payload, False, properties, kind)
         if msg is None:
             return
-        with self._cond:
+        with self._lock:
             if not self.client.is_connected():
                 self.counters.offline += 1
                 return
@@ -181,7 +185,7 @@ class Outbox:
             if kind in _ANSWERS:
                 self._answers += 1
             self._transient += 1
-            self._cond.notify_all()
+            self._notify()
 
     def _make(self, topic: str, payload: Any, retain: bool, properties: Properties | None,
               kind: str) -> _Message | None:
@@ -197,7 +201,7 @@ class Outbox:
         return _Message(topic, data, retain, properties, kind, self.clock())
 
     def _refuse(self, topic: str, problem: str) -> None:
-        with self._cond:
+        with self._lock:
             self.counters.refused += 1
         log.error("not publishing on %.60r: %s", topic, problem)
 
@@ -207,14 +211,14 @@ class Outbox:
         """A (re)connect: every state topic not yet sent on this connection is sent
         again, in its place at the back (one already sent since the CONNACK is not
         repeated: an app would see the same value twice)."""
-        with self._cond:
+        with self._lock:
             self._unacked.clear()
             self._early_acks.clear()
             self._requeue(self._sent_on_link)
 
     def refresh(self) -> None:
         """Send every state topic again (a broker may not have kept a retained message)."""
-        with self._cond:
+        with self._lock:
             self._requeue(set())
 
     def _requeue(self, skip: set[str]) -> None:
@@ -222,11 +226,11 @@ class Outbox:
             if topic not in self._queued_state and topic not in skip:
                 self._queued_state.add(topic)
                 self._line.append(topic)
-        self._cond.notify_all()
+        self._notify()
 
     def disconnected(self) -> None:
         """The connection dropped: transient messages waiting are stale; state waits."""
-        with self._cond:
+        with self._lock:
             self._sent_on_link.clear()
             kept: deque[str | _Message] = deque()
             for item in self._line:
@@ -237,11 +241,11 @@ class Outbox:
             self._line = kept
             self._transient = 0
             self._answers = 0
-            self._cond.notify_all()
+            self._notify()
 
     def acknowledged(self, mid: int, reason_code: Any = None) -> None:
         """The broker acknowledged ``mid`` (on_publish)."""
-        with self._cond:
+        with self._lock:
             entry = self._unacked.pop(mid, None)
             if entry is None:
                 self._early_acks.add(mid)
@@ -249,7 +253,12 @@ class Outbox:
                 self.counters.rejected += 1
                 log.warning("the broker refused the message on %.60r: %s",
                             entry[1].topic, reason_code)
-            self._cond.notify_all()
+            # Waking the sending thread for every acknowledgement costs a context switch
+            # per message: it waits for one only when the broker's Receive Maximum is
+            # reached (and drain() waits for the last one).
+            if self._draining or (entry is not None and len(self._unacked) + 1
+                                  >= max(1, self.client.broker_receive_max)):
+                self._notify()
 
     # -- the sending thread -------------------------------------------------------------------
 
@@ -260,25 +269,35 @@ class Outbox:
 
     def close(self) -> None:
         """Stop the thread after it has handed over what it could."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify_all()
+            self._notify()
 
     def drain(self, timeout: float) -> bool:
         """Wait until everything waiting is sent and acknowledged; False on timeout."""
         deadline = self.clock() + timeout
-        with self._cond:
-            while self._line or self._unacked or self._in_hand:
-                left = deadline - self.clock()
-                if left <= 0 or not self.client.is_connected():
-                    return False
-                self._cond.wait(min(left, 0.1))
+        with self._lock:
+            self._draining += 1
+            try:
+                while self._line or self._unacked or self._in_hand:
+                    left = deadline - self.clock()
+                    if left <= 0 or not self.client.is_connected():
+                        return False
+                    self._cond.wait(min(left, 0.1))
+            finally:
+                self._draining -= 1
         return True
 
     def pending(self) -> int:
         """Messages waiting or unacknowledged (tests, health)."""
-        with self._cond:
+        with self._lock:
             return len(self._line) + len(self._unacked)
+
+    def _notify(self) -> None:
+        # Called with the lock held. A wake nobody waits for is skipped: one per message
+        # adds up.
+        if self._sleeping or self._draining:
+            self._cond.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -290,19 +309,21 @@ class Outbox:
             except Exception:
                 log.exception("publishing on %.60r failed", msg.topic)
             finally:
-                with self._cond:
+                with self._lock:
                     self._in_hand -= 1
-                    self._cond.notify_all()
+                    self._notify()
 
     def _next(self) -> _Message | None:
         """Block until a message may be sent; None once closed."""
-        with self._cond:
+        with self._lock:
             while True:
                 if self._closed and not self._line:
                     return None
-                self._expire_unacked()
+                room = max(1, self.client.broker_receive_max)
+                if len(self._unacked) >= room:
+                    self._expire_unacked()  # only what is stuck at the limit matters
                 if (self._line and self.client.is_connected()
-                        and len(self._unacked) < max(1, self.client.broker_receive_max)):
+                        and len(self._unacked) < room):
                     item = self._line.popleft()
                     if isinstance(item, str):
                         self._queued_state.discard(item)
@@ -316,17 +337,23 @@ class Outbox:
                         continue
                     self._in_hand += 1
                     return item
-                self._cond.wait(1.0)
+                self._sleeping = True
+                try:
+                    self._cond.wait(1.0)
+                finally:
+                    self._sleeping = False
 
     def _publish(self, msg: _Message) -> None:
         # Never called with the lock held: paho calls acknowledged() holding its own lock.
         limit = min(MAX_PACKET, self.client.broker_max_packet or MAX_PACKET)
-        problem = packet_problem(msg.topic, msg.payload, msg.properties, limit)
+        # Checked against MAX_PACKET when queued: again only for a broker allowing less.
+        problem = (packet_problem(msg.topic, msg.payload, msg.properties, limit)
+                   if limit < MAX_PACKET else None)
         if problem:
             self._refuse(msg.topic, f"{problem} (the broker's Maximum Packet Size)")
             return
         info = self.client.publish(msg.topic, msg.payload, 1, msg.retain, msg.properties)
-        with self._cond:
+        with self._lock:
             if info.rc == MQTT_ERR_SUCCESS and msg.retain:
                 self._sent_on_link.add(msg.topic)
             if info.rc in (MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN):

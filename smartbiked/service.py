@@ -145,6 +145,9 @@ class BikeConnection(MQTTClient):
         super().on_message(client, userdata, msg)
         self.service.handle_control(msg)
 
+    def after_read(self) -> None:
+        self.service.hand_over()
+
 
 class Service:
     """One bike's daemon; also the :class:`smartbiked.bike.Outbox` of its hardware thread."""
@@ -169,6 +172,8 @@ class Service:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._exit_status = 0
+        # Commands parsed on the loop thread, not yet handed to the hardware thread.
+        self._arrived: list[tuple[Command, Reply | None]] = []
 
     def _make_coach(self, config: configuration.Config) -> Coach | None:
         # A reload does not take control from a Bluetooth app that holds it.
@@ -422,6 +427,18 @@ class Service:
                 log.exception("revoking Bluetooth control failed")
         self.command(result, reply)
 
+    def hand_over(self) -> None:
+        """Give the hardware thread the MQTT commands parsed since the last read (loop
+        thread only). Called by the connection after each read, in the order they came.
+        """
+        if not self._arrived:
+            return
+        arrived, self._arrived = self._arrived, []
+        for command, reply in arrived:
+            if self.coach is not None:
+                self.coach.app_command(command)
+            self.bike.submit(command, reply)
+
     def command(self, result: Command | Refusal, reply: Reply | None = None,
                 source: str = "mqtt") -> str | None:
         """Refuse or carry out a parsed command from ``source`` ("mqtt" or "bluetooth"):
@@ -432,7 +449,16 @@ class Service:
             self._refuse(result, replies)
             return result.reason
         if result.topic in TRAINER_TOPICS:
+            if source == "mqtt":
+                # The coach hears of commands in their order: an app's resistance before
+                # this target power leaves ERG before this enters it, not after.
+                self.hand_over()
             return self._coach_command(result, replies, source)
+        if source == "mqtt":
+            # On paho's loop thread: handed over once paho has acknowledged it (after
+            # the read); the hardware thread would only wait for the GIL meanwhile.
+            self._arrived.append((result, reply))
+            return None
         if self.coach is not None:
             self.coach.app_command(result)
         self.bike.submit(result, reply)
@@ -545,10 +571,12 @@ class Service:
             why = error or "not applied"
             self._refuse(Refusal(command.topic, why, self.limits.get(command.topic)), replies)
             return
-        body = applied_payload(value, time.time(), self.config.device_name)
-        for reply in replies:
-            self._answer(reply, body)
-        self._health_due.set()  # counters (coalesced commands) may have moved
+        if replies:
+            body = applied_payload(value, time.time(), self.config.device_name)
+            for reply in replies:
+                self._answer(reply, body)
+        if not self._health_due.is_set():  # set() takes a lock: once per health message
+            self._health_due.set()  # counters (coalesced commands) may have moved
 
 
     def driver_state(self, topic: str, state: str, reason: str | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -257,6 +258,12 @@ def parse_command(
         return Refusal(name, f"this bike has no {name} actuator")
     if len(payload) > MAX_COMMAND_BYTES:
         return Refusal(name, f"payload too large (over {MAX_COMMAND_BYTES} bytes)", limits)
+    value = _plain_value(payload)
+    if value is not None:
+        problem = limits.problem(value)
+        if problem:
+            return Refusal(name, f"{value:g} is {problem}", limits)
+        return Command(name, value, ())
     try:
         text = payload.decode("utf-8")
         document = json.loads(text, parse_constant=_reject_constant,
@@ -273,6 +280,31 @@ def parse_command(
     if problem:
         return Refusal(name, f"{value:g} is {problem}", limits)
     return Command(name, value, params)
+
+
+#: ``{"value": <JSON number>}``, the shape nearly every command has (JSON whitespace only).
+_PLAIN_VALUE = re.compile(
+    rb'[ \t\n\r]*\{[ \t\n\r]*"value"[ \t\n\r]*:[ \t\n\r]*'
+    rb'(-?(?:0|[1-9][0-9]*))(\.[0-9]+)?([eE][+-]?[0-9]+)?[ \t\n\r]*\}[ \t\n\r]*')
+
+
+def _plain_value(payload: bytes) -> float | None:
+    """The value of a ``{"value": <number>}`` payload, read without json.loads; else None.
+
+    The value json.loads and :func:`_value_from` would give, for every topic: a JSON
+    integer is exact, so it is converted from the integer (``-0`` is 0.0). Anything
+    else (other keys, an infinite or too large number) is None: the full parse decides.
+    """
+    match = _PLAIN_VALUE.fullmatch(payload)
+    if match is None:
+        return None
+    integer, fraction, exponent = match.groups()
+    try:
+        number = (float(int(integer)) if fraction is None and exponent is None
+                  else float(match.group(1) + (fraction or b"") + (exponent or b"")))
+    except OverflowError:  # an integer of 310 digits or more
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _grade_params(document: Any) -> tuple[tuple[str, float], ...]:

@@ -241,3 +241,26 @@ def test_device_identity_follows_the_symlink(fake: FakeBoard) -> None:
     # A pty may come back as the same node: the board tries at once after a loss anyway.
     assert base.device_identity(str(fake.path)) is not None
     assert base.device_identity("socket://host:1") == "socket://host:1"
+
+
+def test_a_thread_holding_its_wakes_starts_board_jobs_when_it_releases_them(
+        fake: FakeBoard, hardware: Hardware, closing: list[Any]) -> None:
+    board, listener = started(hardware, closing, str(fake.path))
+    assert listener.connection.get(timeout=5) == (True, None)
+    ran: queue.SimpleQueue[str] = queue.SimpleQueue()
+    outcome: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def holder() -> None:
+        # As the bike's hardware thread does: jobs handed over, then one wake per board.
+        base.hold_wakes()
+        board.run(lambda: ran.put("first"))
+        board.run(lambda: ran.put("second"))
+        outcome.put(ran.empty())  # the board's thread was not woken for them
+        base.release_wakes()
+        # A wait for a job's result is never held back.
+        outcome.put(board.call(lambda: threading.current_thread().name))
+
+    threading.Thread(target=holder, daemon=True).start()
+    assert outcome.get(timeout=5) is True
+    assert [ran.get(timeout=5), ran.get(timeout=5)] == ["first", "second"]
+    assert outcome.get(timeout=5) == "board-b"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Any
 
 import pytest
 
@@ -154,3 +155,81 @@ def test_exception_in_on_message_does_not_stop_message_handling(broker):
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_each_acknowledgement_says_what_the_broker_did_with_the_message(make_broker):
+    # Three PUBACKs: plain success (two bytes), "no matching subscribers" (a reason
+    # code, yet a success) and "not authorized" (the ACL refuses the topic). Each
+    # reaches on_publish with what the broker said. Run as the daemon runs it:
+    # loop_forever on its own thread, publishing from another.
+    broker = make_broker(users={USER: PASSWORD, "app": "app"},
+                         acl=f"user {USER}\ntopic write ok/#\nuser app\ntopic read ok/#\n")
+    app = MQTTClient(broker.host, "app", "app", broker.port, client_id="acks-app")
+    heard: list[str] = []
+    app.on_message = lambda c, u, m: heard.append(m.topic)  # type: ignore[method-assign]
+    ready = threading.Event()
+    app.on_ready = ready.set  # type: ignore[method-assign]
+    app.setup_mqtt_client()
+    app.subscribe("ok/heard/#")
+    app.loop_start()
+    client = MQTTClient(broker.host, USER, PASSWORD, broker.port, client_id="acks")
+    said: dict[int, Any] = {}
+    client.on_publish = lambda mid, rc: said.__setitem__(mid, rc)  # type: ignore[method-assign]
+    client.setup_mqtt_client()
+    loop = threading.Thread(target=client.loop_forever, daemon=True)
+    loop.start()
+    try:
+        assert ready.wait(10) and client.connected.wait(10)
+        sent = {name: client.publish(topic, "1").mid for name, topic in (
+            ("success", "ok/heard/1"), ("no subscribers", "ok/unheard/1"),
+            ("refused", "no/1"))}
+        wait_until(lambda: all(mid in said for mid in sent.values()), 10, "each PUBACK")
+        assert said[sent["success"]] == 0 and not said[sent["success"]].is_failure
+        assert said[sent["no subscribers"]] == 0x10
+        assert not said[sent["no subscribers"]].is_failure
+        assert said[sent["refused"]] == 0x87 and said[sent["refused"]].is_failure
+        wait_until(lambda: heard == ["ok/heard/1"], 10, "the app to hear its message")
+    finally:
+        client.disconnect()
+        loop.join(10)
+        app.disconnect()
+        app.loop_stop()
+
+
+def test_received_messages_carry_topic_payload_qos_retain_and_properties(broker, probe):
+    # Messages without properties are decoded by the client itself, those with them by
+    # paho: both must arrive the same, whatever their QoS, retain flag and payload.
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    got: list[Any] = []
+    ready = threading.Event()
+    client = MQTTClient(broker.host, "", "", broker.port, client_id="receiver")
+    client.on_message = lambda c, u, m: got.append(  # type: ignore[method-assign]
+        (m.topic, m.payload, m.qos, m.retain, getattr(m.properties, "ResponseTopic", None)))
+    client.on_ready = ready.set  # type: ignore[method-assign]
+    client.setup_mqtt_client()
+    client.subscribe("rx/#", qos=1)
+    loop = threading.Thread(target=client.loop_forever, daemon=True)
+    loop.start()
+    try:
+        assert ready.wait(10)
+        reply = Properties(PacketTypes.PUBLISH)
+        reply.ResponseTopic = "rx-answers/1"
+        sent = [("rx/a", b'{"value": 1}', 1, False, None), ("rx/b", b"", 0, False, None),
+                ("rx/c/é", b"\x00\xff" * 300, 1, False, None),
+                ("rx/d", b"2", 1, False, "rx-answers/1")]
+        for topic, payload, qos, _, response in sent:
+            probe.client.publish(topic, payload, qos,
+                                 properties=reply if response else None).wait_for_publish(5)
+        wait_until(lambda: len(got) == len(sent), 10, "every message")
+        assert got == [(t, p, q, r, rt)
+                       for t, p, q, r, rt in sent]
+        probe.client.publish("rx/kept", b"3", 1, retain=True).wait_for_publish(5)
+        wait_until(lambda: len(got) == len(sent) + 1, 10, "the retained message")
+        client.subscribe("rx/kept")  # a new subscription: the broker sends it retained
+        wait_until(lambda: len(got) == len(sent) + 2, 10, "the retained message again")
+        assert got[-2:] == [("rx/kept", b"3", 1, False, None), ("rx/kept", b"3", 1, True, None)]
+    finally:
+        client.disconnect()
+        loop.join(10)

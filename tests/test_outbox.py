@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -175,3 +176,30 @@ def test_state_sent_since_the_connect_is_not_repeated_but_a_reconnect_repeats_it
     wait_until(lambda: values(probe, "bike/1/fan/report") == [4.0, 4.0], 10, "a resend")
     outbox.refresh()
     wait_until(lambda: len(values(probe, "bike/1/fan/report")) == 3, 10, "a refresh")
+
+
+def test_at_the_brokers_receive_maximum_each_acknowledgement_sends_the_next(make_broker):
+    # A Receive Maximum of 1: every message waits for the one before to be acknowledged.
+    # The outbox is woken by an acknowledgement only at that limit; were it not, each
+    # message would wait for the thread's 1 s poll and 60 of them would take a minute.
+    # The client runs like the daemon's (loop_forever on its own thread), so the
+    # outbox's publishes are written at once from the outbox thread.
+    broker = make_broker(extra=["max_inflight_messages 1"])
+    client = MQTTClient(broker.host, "", "", broker.port, client_id="outbox-rmax")
+    box = Outbox(client)  # the real clock: drain() times out
+    client.on_publish = lambda mid, rc: box.acknowledged(mid, rc)  # type: ignore[method-assign]
+    client.setup_mqtt_client()
+    loop = threading.Thread(target=client.loop_forever, daemon=True)
+    loop.start()
+    try:
+        assert client.connected.wait(10)
+        assert client.broker_receive_max == 1
+        box.start()
+        for i in range(60):
+            box.state(f"bike/1/fan{i}/report", {"value": float(i)})
+        assert box.drain(timeout=10.0), f"{box.pending()} still waiting after 10 s"
+        assert box.counters.shed == {}
+    finally:
+        box.close()
+        client.disconnect()
+        loop.join(10)

@@ -337,3 +337,31 @@ def test_trainer_commands_never_raise_and_accepted_ones_are_in_range(name, docum
             assert result.params == ()
     else:
         assert result.reason
+
+
+#: JSON number text: integers of any length, fractions, exponents (also out of range).
+json_number_text = st.builds(
+    lambda sign, digits, fraction, exponent: sign + digits + fraction + exponent,
+    st.sampled_from(["", "-"]),
+    st.sampled_from(["0"]) | st.integers(1, 10**400).map(str),
+    st.sampled_from(["", ".0", ".5", ".000001"]) | st.integers(0, 10**20).map(lambda f: f".{f}"),
+    st.sampled_from(["", "e0", "e400", "E-400", "e+2"]) | st.integers(-400, 400).map(
+        lambda e: f"e{e}"),
+)
+json_space = st.text(" \t\n\r", max_size=2)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from([*sorted(LIMITS), "targetpower", "grade"]), json_number_text,
+       json_space, json_space)
+def test_the_plain_value_shape_reads_as_the_full_parse_does(name, number, before, after):
+    # {"value": n} is read without json.loads; with another key beside it the full
+    # parse runs. Both must give the same command, or the same refusal.
+    limits = {**LIMITS, "targetpower": Limits(0, 2000), "grade": Limits(-20, 20)}
+    topic = f"bike/{BIKE}/{name}/control"
+    plain = f'{before}{{{after}"value"{before}:{after}{number}{before}}}{after}'.encode()
+    full = f'{{"value": {number}, "x": 1}}'.encode()
+    fast, slow = (parse_command(topic, p, BIKE, limits) for p in (plain, full))
+    assert fast == slow
+    if isinstance(fast, Command):
+        assert math.copysign(1, fast.value) == math.copysign(1, slow.value)

@@ -75,3 +75,22 @@ def test_home_assistant_discovery_is_retained_and_sent_again_when_it_restarts(
     probe.json("bike/000001/fan/report", lambda d: d["value"] == 5.0, after=mark)
     assert not [m for m in probe.messages[mark:] if m.topic.endswith("/status")
                 and m.topic.startswith("bike/") and m.topic != "bike/000001/status"]
+
+
+def test_commands_reach_the_trainer_in_the_order_they_were_sent(broker, probe, run_daemon):
+    # An app's resistance (which leaves ERG) and then a target power (which enters it),
+    # published back to back on one connection: whatever the daemon reads them in one
+    # go or two, the bike ends in ERG at the new target.
+    start(run_daemon, broker, probe)
+    mark = len(probe.messages)
+    probe.client.publish("bike/000001/resistance/control", b"10", qos=1)
+    probe.client.publish("bike/000001/targetpower/control", b'{"targetpower": 180}', qos=1)
+    erg = probe.json("bike/000001/mode/report", lambda d: d["mode"] == "erg", after=mark)
+    assert erg["target"] == 180.0
+    # ERG moves resistance itself: by then a resistance command handled after the
+    # target power would have left ERG again.
+    probe.json("bike/000001/resistance/report", lambda d: d["value"] != 10.0, after=mark,
+               timeout=15)
+    modes = [json.loads(m.payload)["mode"] for m in probe.messages[mark:]
+             if m.topic == "bike/000001/mode/report"]
+    assert modes[-1] == "erg", modes

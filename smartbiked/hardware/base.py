@@ -169,6 +169,28 @@ Subscriber = tuple[Callable[[dict[str, float]], None] | None,
                    Callable[[bool, str | None], None] | None]
 
 
+_held_wakes = threading.local()
+
+
+def hold_wakes() -> None:
+    """From now on, a job this thread hands to a board wakes that board's thread only at
+    the next :func:`release_wakes`.
+
+    For a thread that hands jobs over and then waits (the bike's hardware thread): a
+    board thread woken at once would find the GIL held and wait for it, a context
+    switch more per job. Waits on a board (:meth:`Board.call`, :meth:`Board.close`)
+    are not held back.
+    """
+    _held_wakes.boards = set()
+
+
+def release_wakes() -> None:
+    """Wake every board this thread handed a job to since the last call."""
+    boards: set[Board] | None = getattr(_held_wakes, "boards", None)
+    while boards:
+        boards.pop()._wake()
+
+
 class Board:
     """A device several drivers share, with an I/O thread of its own (a serial board).
 
@@ -262,10 +284,14 @@ class Board:
             queued = self._thread is not None and not self._ended and not self.on_thread
             if queued:
                 self._jobs.append(job)
-        if queued:
-            self._wake()
-        else:
+        if not queued:
             self._run_job(job)
+            return
+        held = getattr(_held_wakes, "boards", None)
+        if held is not None:
+            held.add(self)  # the caller wakes it with release_wakes()
+        else:
+            self._wake()
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` as a job and wait for its result (or its exception), from any thread."""
@@ -281,6 +307,7 @@ class Board:
                 done.set()
 
         self.run(job)
+        release_wakes()  # this thread waits for the job: the board's thread must run it
         done.wait()  # every job ends: device waits are bounded and close() fails the rest
         if "error" in box:
             raise box["error"]

@@ -426,6 +426,8 @@ class SerialBoard(Board):
                 if not data:
                     break
                 lines.extend(self._split(data))
+                if len(data) < _CHUNK:
+                    break  # all there was: a look for more would find nothing (a syscall)
         except (serial.SerialException, OSError) as exc:
             self._lost(exc)
             raise HardwareError(f"serial board {self.name}: {self.url} failed: {exc}") from exc
@@ -765,9 +767,11 @@ class SerialActuator(Actuator):
         ack = self.ack
         attempts = 1 + self.retries
         for attempt in range(1, attempts + 1):
-            # An answer to an earlier command still in the pipe must not pass for
-            # this one's: read everything waiting before sending.
-            self.board.drain()
+            if ack is not None:
+                # An answer to an earlier command still in the pipe must not pass for
+                # this one's: read everything waiting before sending. (Without an ack
+                # nothing is waited for: readings waiting are read right after.)
+                self.board.drain()
             self.board.write(data)
             if ack is None:
                 return value
