@@ -35,6 +35,7 @@ except ImportError as exc:  # Debian's python3-paho-mqtt is 1.6, without Callbac
         "smartbiked needs paho-mqtt 2.x (pip install 'paho-mqtt>=2,<3'); "
         "the installed paho-mqtt is older"
     ) from exc
+from paho.mqtt import __version__ as paho_version
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -93,6 +94,10 @@ def _set_reconnect_delay(client: mqtt.Client, delay: float) -> None:
     client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
 
+#: The three shortcuts below (_packet_queue, _handle_publish, _handle_pubackcomp) replace
+#: private paho methods as paho 2.2 has them; with any other paho, paho's own run.
+FAST_PATHS = paho_version.startswith("2.2.")
+
 #: A PUBACK's reason codes (shared, read-only), by value; and its empty properties.
 _PUBACK_REASONS: dict[int, ReasonCode] = {}
 _NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
@@ -141,6 +146,8 @@ class _LivenessClient(mqtt.Client):
         # when the packet is still waiting after that write, or could not be written (the
         # loop thread is in a callback, or the socket is full): the loop looks at what is
         # waiting before each select(), so nothing else can be left behind.
+        if not FAST_PATHS:
+            return super()._packet_queue(command, packet, mid, qos, info)
         self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
                                  "to_process": len(packet), "packet": packet, "info": info})
         rc = MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -165,7 +172,7 @@ class _LivenessClient(mqtt.Client):
         # (properties, QoS 2, manual acks, paho's own logging) is paho's.
         header, packet = self._in_packet["command"], self._in_packet["packet"]
         qos = (header & 0x06) >> 1
-        if (self._protocol != mqtt.MQTTv5 or qos == 2 or self._manual_ack
+        if (not FAST_PATHS or self._protocol != mqtt.MQTTv5 or qos == 2 or self._manual_ack
                 or self._logger is not None or self.on_log is not None or len(packet) < 2):
             return super()._handle_publish()
         start = 2 + int.from_bytes(packet[:2], "big")  # past the topic
@@ -193,7 +200,8 @@ class _LivenessClient(mqtt.Client):
         # reads it. Anything else is paho's to decode.
         packet = self._in_packet["packet"]
         size = len(packet)
-        if (cmd != "PUBACK" or self._protocol != mqtt.MQTTv5 or not 2 <= size <= 4
+        if (not FAST_PATHS or cmd != "PUBACK" or self._protocol != mqtt.MQTTv5
+                or not 2 <= size <= 4
                 or (size == 4 and packet[3] != 0)
                 or self._logger is not None or self.on_log is not None):
             return super()._handle_pubackcomp(cmd)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from smartbiked import mqtt_client
 from smartbiked.mqtt_client import MQTTClient
 from tests.conftest import Broker, wait_until
 
@@ -157,7 +158,14 @@ def test_exception_in_on_message_does_not_stop_message_handling(broker):
         client.loop_stop()
 
 
-def test_each_acknowledgement_says_what_the_broker_did_with_the_message(make_broker):
+# Both ways: the client's own shortcuts (paho 2.2) and paho's methods (any other paho).
+BOTH_PATHS = pytest.mark.parametrize("fast", [True, False], ids=["shortcuts", "paho"])
+
+
+@BOTH_PATHS
+def test_each_acknowledgement_says_what_the_broker_did_with_the_message(make_broker, fast,
+                                                                         monkeypatch):
+    monkeypatch.setattr(mqtt_client, "FAST_PATHS", fast)
     # Three PUBACKs: plain success (two bytes), "no matching subscribers" (a reason
     # code, yet a success) and "not authorized" (the ACL refuses the topic). Each
     # reaches on_publish with what the broker said. Run as the daemon runs it:
@@ -196,7 +204,10 @@ def test_each_acknowledgement_says_what_the_broker_did_with_the_message(make_bro
         app.loop_stop()
 
 
-def test_received_messages_carry_topic_payload_qos_retain_and_properties(broker, probe):
+@BOTH_PATHS
+def test_received_messages_carry_topic_payload_qos_retain_and_properties(broker, probe, fast,
+                                                                          monkeypatch):
+    monkeypatch.setattr(mqtt_client, "FAST_PATHS", fast)
     # Messages without properties are decoded by the client itself, those with them by
     # paho: both must arrive the same, whatever their QoS, retain flag and payload.
     from paho.mqtt.packettypes import PacketTypes
