@@ -224,6 +224,7 @@ class Board:
         self._subscribers: list[Subscriber] = []
         self._announced: bool | None = None
         self._jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self._busy = False  # the thread is running a job
         self._thread: threading.Thread | None = None
         self._ended = False  # the thread is gone (closed, or crashed): jobs run at once
         # Writing a byte here wakes the thread from its wait on the device: a job, a close.
@@ -281,17 +282,33 @@ class Board:
         for it hears back (its device calls fail as soon as the board is closed).
         """
         with self._lock:
-            queued = self._thread is not None and not self._ended and not self.on_thread
+            queued = self._takes_jobs()
             if queued:
                 self._jobs.append(job)
         if not queued:
             self._run_job(job)
             return
+        self._wake_soon()
+
+    def _wake_soon(self) -> None:
+        """Wake the thread for a job just queued: now, or at the caller's release_wakes()."""
         held = getattr(_held_wakes, "boards", None)
         if held is not None:
             held.add(self)  # the caller wakes it with release_wakes()
         else:
             self._wake()
+
+    def _takes_jobs(self) -> bool:
+        """With the lock held: True when a job must be queued for the board's thread."""
+        return self._thread is not None and not self._ended and not self.on_thread
+
+    def _idle(self) -> bool:
+        """With the lock held: True when the board's thread has no job and runs none.
+
+        A caller that sees this (and keeps the lock) may use the device briefly itself,
+        without waiting on it, and still comes after every job handed over before.
+        """
+        return not self._busy and not self._jobs and not self._closed
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` as a job and wait for its result (or its exception), from any thread."""
@@ -430,8 +447,14 @@ class Board:
             if self._announced is None:  # the first word, whatever it is
                 self._announce(self.connected, self.why_down)
             while not self._closed:
-                if self._jobs:
-                    self._run_job(self._jobs.popleft())
+                with self._lock:
+                    job = self._jobs.popleft() if self._jobs else None
+                    self._busy = job is not None
+                if job is not None:
+                    try:
+                        self._run_job(job)
+                    finally:
+                        self._busy = False
                     continue
                 if not self.connected:
                     self._attempt()

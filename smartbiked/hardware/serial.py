@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import string
 import time
@@ -73,6 +74,9 @@ _SCHEMES = {"loop", "socket", "rfc2217", "spy", "hwgrep", "alt", "cp2110"}
 _NATIVE_SCHEMES = {"", "spy", "hwgrep", "alt"}
 
 FORMATS = ("auto", "number", "keyvalue", "json", "csv")
+
+#: The port class whose descriptor send() may write to directly (None: there is none).
+_NATIVE_PORT: Any = getattr(serial, "Serial", None) if os.name == "posix" else None
 
 _NEVER: Any = object()  # a device never tried yet
 _AGAIN: Any = object()  # a device lost: try it at once when it is there
@@ -390,7 +394,10 @@ class SerialBoard(Board):
         self._announce(False, f"lost {self.url}: {exc}")
 
     def _drop_port(self) -> None:
-        port, self._port = self._port, None
+        # Under the lock: send() may be writing to the port's descriptor from another
+        # thread, and a closed descriptor's number can soon belong to another file.
+        with self._lock:
+            port, self._port = self._port, None
         if port is not None:
             try:
                 port.close()
@@ -547,6 +554,51 @@ class SerialBoard(Board):
             self._lost(exc)
             raise HardwareError(f"serial board {self.name}: write to {self.url} failed: "
                                 f"{exc}") from exc
+
+    def send(self, data: bytes, done: Callable[[str | None], None]) -> None:
+        """Write ``data`` and then call ``done`` with None, or with why it failed.
+
+        When the board's thread is idle (no job waiting or running) and the port is a
+        native one that takes every byte at once, the bytes are written here, on the
+        caller's thread, and ``done`` is called before this returns: no thread is woken,
+        which is most of what a command costs. Otherwise (a job under way, a port that
+        would block, a network URL, the port absent) the rest is a job for the board's
+        thread, which calls ``done`` when it is written. Either way the bytes follow
+        every job handed over before, and a write never blocks the caller.
+        """
+        def job(rest: bytes) -> Callable[[], None]:
+            def write() -> None:
+                try:
+                    self.write(rest)
+                except HardwareError as exc:
+                    done(str(exc))
+                else:
+                    done(None)
+            return write
+
+        with self._lock:
+            queued = self._takes_jobs()
+            written = self._write_now(data) if queued and self._idle() else None
+            if queued and written != len(data):
+                self._jobs.append(job(data[written or 0:]))
+        if not queued:
+            job(data)()  # no thread (or on it): written here, like any job
+        elif written == len(data):
+            done(None)
+        else:
+            self._wake_soon()
+
+    def _write_now(self, data: bytes) -> int | None:
+        """With the lock held: write what the port takes without waiting; None if not tried."""
+        port = self._port
+        if port is None or type(port) is not _NATIVE_PORT or not port.is_open:
+            return None  # a network URL or loop:// may block: the board's thread writes
+        try:
+            return os.write(port.fileno(), data)  # pyserial opens it O_NONBLOCK
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return None  # a failing port: the board's thread writes, fails, reopens
 
     def readline_until(self, pattern: str | re.Pattern[str], timeout: float) -> (
             re.Match[str] | None):
@@ -749,7 +801,17 @@ class SerialActuator(Actuator):
 
     def apply_async(self, value: float,
                     done: Callable[[float | None, str | None], None]) -> None:
-        """Queue the command on the board's thread; ``done`` is called from there."""
+        """Send the command; ``done`` is called once it is written (and acknowledged).
+
+        Without ``ack`` the line may go out at once on the caller's thread (see
+        :meth:`SerialBoard.send`), and then ``done`` is called before this returns;
+        otherwise the write and the wait are a job on the board's thread.
+        """
+        if self.ack is None:
+            self.board.send(self.command(value),
+                            lambda error: done(None, error) if error else done(value, None))
+            return
+
         def job() -> None:
             try:
                 reached = self._move(value)
