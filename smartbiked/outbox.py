@@ -49,6 +49,9 @@ MAX_PACKET = 65536
 #: Unacknowledged messages not confirmed within this many seconds are forgotten (the
 #: connection that carried them is gone; paho resends or drops them itself).
 ACK_TIMEOUT = 30.0
+#: The sending thread looks at the line at least this often even unwoken: a safety net,
+#: never the way a message is meant to leave.
+LOOK_AGAIN = 1.0
 
 
 class Publisher(Protocol):
@@ -360,7 +363,7 @@ class Outbox:
                         return msg
                 self._sleeping = True
                 try:
-                    self._cond.wait(1.0)
+                    self._cond.wait(LOOK_AGAIN)
                 finally:
                     self._sleeping = False
 

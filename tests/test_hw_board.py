@@ -8,6 +8,7 @@ conditions with a deadline.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import select as real_select
 import threading
@@ -264,3 +265,62 @@ def test_a_thread_holding_its_wakes_starts_board_jobs_when_it_releases_them(
     assert outcome.get(timeout=5) is True
     assert [ran.get(timeout=5), ran.get(timeout=5)] == ["first", "second"]
     assert outcome.get(timeout=5) == "board-b"
+
+
+def test_an_idle_board_takes_an_ackless_command_at_once_on_the_callers_thread(
+        fake: FakeBoard, hardware: Hardware, closing: list[Any]) -> None:
+    # No thread is woken for it: the bike's hardware thread writes the line itself and
+    # hears back before apply_async returns (a hand-off each way saved per command).
+    board, listener = started(hardware, closing, str(fake.path))
+    assert listener.connection.get(timeout=5) == (True, None)
+    fan = SerialActuator("fan", driver_settings(SerialActuator, "fan", port="b"), hardware)
+    outcomes: list[tuple[str, float | None, str | None]] = []
+    fan.apply_async(60.0, lambda value, error: outcomes.append(
+        (threading.current_thread().name, value, error)))
+    assert outcomes == [("MainThread", 60.0, None)]
+    assert fake.next_line() == "fan=60"
+
+
+def test_a_command_for_a_busy_board_waits_for_the_job_before_it(
+        fake: FakeBoard, hardware: Hardware, closing: list[Any]) -> None:
+    board, listener = started(hardware, closing, str(fake.path))
+    assert listener.connection.get(timeout=5) == (True, None)
+    gate, running = threading.Event(), threading.Event()
+
+    def slow_job() -> None:
+        running.set()
+        gate.wait(10)
+        board.write(b"first\n")
+
+    board.run(slow_job)
+    assert running.wait(5)  # the board's thread is inside a job: not idle
+    fan = SerialActuator("fan", driver_settings(SerialActuator, "fan", port="b"), hardware)
+    outcomes: queue.SimpleQueue[tuple[str, float | None, str | None]] = queue.SimpleQueue()
+    fan.apply_async(40.0, lambda value, error: outcomes.put(
+        (threading.current_thread().name, value, error)))
+    assert outcomes.empty()  # not written past the job under way
+    gate.set()
+    assert outcomes.get(timeout=5) == ("board-b", 40.0, None)
+    assert fake.wait_received(2) == ["first", "fan=40"]
+
+
+def test_what_the_port_does_not_take_at_once_is_written_by_the_boards_thread(
+        hardware: Hardware, closing: list[Any]) -> None:
+    # A pty nobody reads fills up: the caller writes what fits, never waits, and the
+    # board's thread writes the rest, in order, once the other end reads again.
+    master, slave = os.openpty()
+    closing.append(type("Fd", (), {"close": lambda self: os.close(master)})())
+    board, listener = started(hardware, closing, os.ttyname(slave))
+    os.close(slave)
+    assert listener.connection.get(timeout=5) == (True, None)
+    data = bytes(range(256)) * 1024  # 256 KiB: far more than a pty holds
+    done: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
+    board.send(data, lambda error: done.put((threading.current_thread().name, error)))
+    assert done.empty()
+    got = bytearray()
+    while len(got) < len(data):
+        ready, _, _ = real_select.select([master], [], [], 5)
+        assert ready, f"only {len(got)} of {len(data)} bytes arrived"
+        got += os.read(master, 65536)
+    assert bytes(got) == data
+    assert done.get(timeout=5) == ("board-b", None)

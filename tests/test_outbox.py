@@ -13,9 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from smartbiked import outbox as outbox_module
 from smartbiked.mqtt_client import MQTTClient
 from smartbiked.outbox import Outbox
-from tests.conftest import Broker, wait_until
+from tests.conftest import Broker, retained, wait_until
 
 
 class Clock:
@@ -203,3 +204,89 @@ def test_at_the_brokers_receive_maximum_each_acknowledgement_sends_the_next(make
         box.close()
         client.disconnect()
         loop.join(10)
+
+
+class WatchedClient(MQTTClient):
+    """A real client that notes which thread hands each message to paho, and can hold
+    one publish back (at the gate) to open the window a race needs."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.calls: list[tuple[str, bytes]] = []
+        self.hold: bytes | None = None  # a payload whose publish waits at the gate
+        self.at_gate = threading.Event()
+        self.gate = threading.Event()
+        self.overtaken = threading.Event()  # another publish while one waits at the gate
+
+    def publish(self, topic_name, payload, qos=1, retain=False, properties=None):  # type: ignore[no-untyped-def]
+        self.calls.append((threading.current_thread().name, payload))
+        if self.at_gate.is_set() and not self.gate.is_set():
+            self.overtaken.set()
+        if payload == self.hold:
+            self.at_gate.set()
+            self.gate.wait(10)
+        return super().publish(topic_name, payload, qos, retain, properties)
+
+
+@pytest.fixture
+def watched(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> (
+        Iterator[tuple[WatchedClient, Outbox]]):
+    # Only wakes move the outbox here: a missed one shows as a message that never leaves.
+    monkeypatch.setattr(outbox_module, "LOOK_AGAIN", 3600.0)
+    client = WatchedClient(broker.host, "", "", broker.port, client_id="outbox-watched")
+    box = Outbox(client)
+    client.on_publish = lambda mid, rc: box.acknowledged(mid, rc)  # type: ignore[method-assign]
+    client.setup_mqtt_client()
+    client.loop_start()
+    assert client.connected.wait(10)
+    box.start()
+    yield client, box
+    client.gate.set()
+    box.close()
+    client.disconnect()
+    client.loop_stop()
+
+
+def idle(box: Outbox) -> None:
+    # The sending thread waits with nothing waiting or under way.
+    wait_until(lambda: box.pending() == 0 and box._sleeping and not box._in_hand, 10,
+               "the outbox to be idle")
+
+
+def test_an_idle_outbox_hands_a_message_over_on_the_thread_that_queued_it(
+        probe, watched) -> None:
+    # No wake of the outbox thread per message: the report of a command goes out from
+    # the hardware thread, a refusal from paho's.
+    client, box = watched
+    idle(box)
+    box.state("bike/1/fan/report", {"value": 1.0})
+    assert client.calls[-1] == ("MainThread", b'{"value": 1.0}')
+    idle(box)
+    box.send("bike/1/fan/status", {"ok": False}, "refusals")
+    assert client.calls[-1] == ("MainThread", b'{"ok": false}')
+    probe.json("bike/1/fan/status")
+    assert values(probe, "bike/1/fan/report") == [1.0]
+
+
+def test_a_newer_state_queued_during_a_direct_hand_over_goes_after_it(
+        broker, probe, watched) -> None:
+    # Thread A hands fan=1 to paho itself; meanwhile thread B sets fan=2. The outbox
+    # thread must not send fan=2 before fan=1 reaches paho: the retained value would
+    # then be the older one for good.
+    client, box = watched
+    idle(box)
+    client.hold = b'{"value": 1.0}'
+    a = threading.Thread(target=box.state, args=("bike/1/fan/report", {"value": 1.0}),
+                         name="A")
+    a.start()
+    assert client.at_gate.wait(10)
+    box.state("bike/1/fan/report", {"value": 2.0})  # B: queued for the outbox thread
+    # fan=2 must not reach paho while fan=1 is held at the gate (a wait for something
+    # that must not happen has no event to end it: half a second is the window).
+    assert not client.overtaken.wait(0.5), "fan=2 went to paho while fan=1 was under way"
+    client.gate.set()
+    a.join(10)
+    wait_until(lambda: client.calls[-1][1] == b'{"value": 2.0}', 10, "fan=2 to be handed over")
+    assert [p for _, p in client.calls][-2:] == [b'{"value": 1.0}', b'{"value": 2.0}']
+    probe.json("bike/1/fan/report", lambda d: d["value"] == 2.0)
+    assert json.loads(retained(broker, "bike/1/fan/report").payload)["value"] == 2.0
