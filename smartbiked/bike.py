@@ -4,10 +4,12 @@ Threads: the ``hardware`` thread (:class:`Bike`) is the single owner of the driv
 state and of every decision: it opens and closes drivers, reports sensors, applies
 commands, makes actuators safe and keeps each topic's health state. Each serial board
 has an I/O thread of its own (:class:`~smartbiked.hardware.base.Board`) that reads lines
-the moment they arrive and performs its actuators' writes and acknowledgement waits,
-and gpiozero calls back on its own thread for pin edges. Those threads only hand
-events to the hardware thread's inbox (a reading, a button, a write's outcome, a board
-lost or back), so a silent board delays nothing but its own commands. The hardware
+the moment they arrive and performs its actuators' writes that could wait (an
+acknowledgement, a full port; a line an idle board takes whole is written at once
+from this thread: :meth:`~smartbiked.hardware.serial.SerialBoard.send`), and gpiozero
+calls back on its own thread for pin edges. Those threads only hand events to the
+hardware thread's inbox (a reading, a button, a write's outcome, a board lost or
+back), so a silent board delays nothing but its own commands. The hardware
 thread's scheduler runs heartbeats and timeouts; nothing polls a port.
 
 The bike never talks MQTT: what it has to say goes to an :class:`Outbox`, which the

@@ -49,8 +49,9 @@ MAX_PACKET = 65536
 #: Unacknowledged messages not confirmed within this many seconds are forgotten (the
 #: connection that carried them is gone; paho resends or drops them itself).
 ACK_TIMEOUT = 30.0
-#: The sending thread looks at the line at least this often even unwoken: a safety net,
-#: never the way a message is meant to leave.
+#: While messages wait, the sending thread looks at the line at least this often even
+#: unwoken (offline, or at the broker's Receive Maximum): a safety net, never the way a
+#: message is meant to leave.
 LOOK_AGAIN = 1.0
 
 
@@ -363,7 +364,9 @@ class Outbox:
                         return msg
                 self._sleeping = True
                 try:
-                    self._cond.wait(LOOK_AGAIN)
+                    # Nothing waiting: nothing to look at until a producer wakes it
+                    # (an idle bike wakes no thread for nothing).
+                    self._cond.wait(LOOK_AGAIN if self._line or self._unacked else None)
                 finally:
                     self._sleeping = False
 

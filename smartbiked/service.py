@@ -2,8 +2,9 @@
 
 Threads: the main thread runs paho's ``loop_forever`` (every MQTT callback runs
 there); the ``hardware`` thread (:class:`smartbiked.bike.Bike`) owns every pin and
-port; the ``outbox`` thread (:class:`smartbiked.outbox.Outbox`) is the only one that
-hands messages to paho; a ``signals`` thread turns SIGTERM/SIGINT/SIGHUP into a clean
+port; the ``outbox`` thread (:class:`smartbiked.outbox.Outbox`) hands paho the
+messages queued while another was waiting (the rest go from the thread that queued
+them); a ``signals`` thread turns SIGTERM/SIGINT/SIGHUP into a clean
 stop or a reload (paho must not be called from a signal handler); a ``watchdog``
 thread pings systemd only while both loops show life; a ``housekeeping`` thread
 publishes the health message and the log flood guard's summaries; with ``[ble]``

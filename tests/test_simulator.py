@@ -134,6 +134,8 @@ def test_every_sensor_reports_at_its_rate_with_the_models_values(
     # What the daemon reports is what the model does: pulses carry the speed and cadence,
     # the board's json lines (heart rate scaled back by 0.5 and 10) carry the rest.
     index, world = worlds(probe, mark)[-1]
+    wait_until(lambda: all(reports(probe, t, index) for t in SENSORS), 5,
+               "a report of each sensor after the model's state")
     after = {t: reports(probe, t, index)[0]["value"] for t in SENSORS}
     assert math.isclose(after["speed"], world["speed"], rel_tol=0.1), (after, world)
     assert abs(after["cadence"] - world["cadence"]) < 8, (after, world)
