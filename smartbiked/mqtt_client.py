@@ -133,10 +133,32 @@ class _LivenessClient(mqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._write_lock = threading.RLock()
+        self._loop_thread: int | None = None  # the thread in loop_forever()
+
+    def loop_forever(self, *args: Any, **kwargs: Any) -> MQTTErrorCode:
+        self._loop_thread = threading.get_ident()
+        try:
+            return super().loop_forever(*args, **kwargs)
+        finally:
+            self._loop_thread = None
 
     def loop_write(self) -> MQTTErrorCode:
         with self._write_lock:
-            return super().loop_write()
+            if self._loop_thread in (None, threading.get_ident()) or self._sock is None:
+                return super().loop_write()
+            # Another thread publishing (the outbox hands a message over from whichever
+            # thread queued it, which may hold locks of its own): it writes, but a failed
+            # write is left to the loop thread. paho would handle it here, calling
+            # on_disconnect under its callback lock, which the loop thread holds while a
+            # callback waits for the very lock this thread may hold.
+            rc = self._packet_write()
+            if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+                if self._sockpairW is not None:
+                    try:
+                        self._sockpairW.send(b"0")  # the loop meets the error itself
+                    except BlockingIOError:
+                        pass
+            return MQTTErrorCode.MQTT_ERR_SUCCESS  # queued: paho resends it if need be
 
     def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
                       info: mqtt.MQTTMessageInfo | None = None) -> MQTTErrorCode:

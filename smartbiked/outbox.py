@@ -221,10 +221,17 @@ class Outbox:
             log.exception("publishing on %.60r failed", msg.topic)
         finally:
             with self._lock:
-                self._in_hand -= 1
+                self._handed()
                 self._direct = False
                 if self._line or self._draining:
                     self._notify()  # queued meanwhile: the sending thread's now
+
+    def _handed(self) -> None:
+        # With the lock held: a publish is done. With none under way, no acknowledgement
+        # can be early any more.
+        self._in_hand -= 1
+        if not self._in_hand:
+            self._early_acks.clear()
 
     def _make(self, topic: str, payload: Any, retain: bool, properties: Properties | None,
               kind: str) -> _Message | None:
@@ -286,7 +293,10 @@ class Outbox:
         """The broker acknowledged ``mid`` (on_publish)."""
         with self._lock:
             entry = self._unacked.pop(mid, None)
-            if entry is None:
+            if entry is None and self._in_hand:
+                # A publish under way may not have noted its mid yet. Any other unknown
+                # mid (from before a reconnect) is forgotten, or it would later pass a new
+                # message with the same mid for acknowledged.
                 self._early_acks.add(mid)
             if entry is not None and getattr(reason_code, "is_failure", False):
                 self.counters.rejected += 1
@@ -349,7 +359,7 @@ class Outbox:
                 log.exception("publishing on %.60r failed", msg.topic)
             finally:
                 with self._lock:
-                    self._in_hand -= 1
+                    self._handed()
                     self._notify()
 
     def _next(self) -> _Message | None:

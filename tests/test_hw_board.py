@@ -11,6 +11,7 @@ import logging
 import os
 import queue
 import select as real_select
+import termios
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -324,3 +325,26 @@ def test_what_the_port_does_not_take_at_once_is_written_by_the_boards_thread(
         got += os.read(master, 65536)
     assert bytes(got) == data
     assert done.get(timeout=5) == ("board-b", None)
+
+
+def test_a_write_that_fails_unexpectedly_still_answers_the_command(
+        fake: FakeBoard, hardware: Hardware, closing: list[Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # termios.error (not an OSError) can escape pyserial when a board is pulled during
+    # a reopen: the command must still be answered, or its actuator waits forever.
+    board, listener = started(hardware, closing, str(fake.path))
+    assert listener.connection.get(timeout=5) == (True, None)
+    gate, running = threading.Event(), threading.Event()
+    board.run(lambda: (running.set(), gate.wait(10)))
+    assert running.wait(5)  # busy: the command becomes a job
+
+    def broken(self: SerialBoard, data: bytes) -> None:
+        raise termios.error(5, "Input/output error")
+
+    monkeypatch.setattr(SerialBoard, "write", broken)
+    fan = SerialActuator("fan", driver_settings(SerialActuator, "fan", port="b"), hardware)
+    outcomes: queue.SimpleQueue[tuple[float | None, str | None]] = queue.SimpleQueue()
+    fan.apply_async(40.0, lambda value, error: outcomes.put((value, error)))
+    gate.set()
+    value, error = outcomes.get(timeout=5)
+    assert value is None and error is not None and "Input/output error" in error

@@ -290,3 +290,101 @@ def test_a_newer_state_queued_during_a_direct_hand_over_goes_after_it(
     assert [p for _, p in client.calls][-2:] == [b'{"value": 1.0}', b'{"value": 2.0}']
     probe.json("bike/1/fan/report", lambda d: d["value"] == 2.0)
     assert json.loads(retained(broker, "bike/1/fan/report").payload)["value"] == 2.0
+
+
+def test_a_publisher_holding_a_lock_a_callback_needs_survives_a_failed_write(broker) -> None:
+    # The outbox hands a message to paho from the thread that queued it, which may hold
+    # a lock of its own (the coach's, announcing a mode). If that write fails, paho would
+    # run on_disconnect there, under its callback lock: held by the loop thread while an
+    # on_message callback waits for the first thread's lock. A deadlock; MQTT dead.
+    client = MQTTClient(broker.host, "", "", broker.port, client_id="outbox-lock")
+    box = Outbox(client)
+    client.on_publish = lambda mid, rc: box.acknowledged(mid, rc)  # type: ignore[method-assign]
+    app_lock = threading.Lock()  # stands for the coach's lock
+    heard: list[bytes] = []
+    in_callback, sending, fail = threading.Event(), threading.Event(), threading.Event()
+
+    def on_message(msg) -> None:  # like handle_control -> coach.command()
+        if sending.is_set():
+            in_callback.set()
+        with app_lock:
+            heard.append(msg.payload)
+
+    client.handle_message = on_message  # type: ignore[attr-defined]
+    client.on_message = lambda c, u, m: client.handle_message(m)  # type: ignore[method-assign,attr-defined]
+    client.setup_mqtt_client()
+    paho = client._paho()
+    real_send = paho._sock_send
+
+    def sock_send(data):  # type: ignore[no-untyped-def]
+        if fail.is_set() and threading.current_thread().name == "announcer":
+            fail.clear()
+            sending.set()
+            assert in_callback.wait(10)  # the loop thread now waits for app_lock
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real_send(data)
+
+    paho._sock_send = sock_send
+    loop = threading.Thread(target=client.loop_forever, name="loop", daemon=True)
+    loop.start()
+    app = MQTTClient(broker.host, "", "", broker.port, client_id="outbox-lock-app")
+    app.setup_mqtt_client()
+    app.loop_start()
+    try:
+        assert client.connected.wait(10) and app.connected.wait(10)
+        client.subscribe("t/cmd")
+        wait_until(lambda: app.publish("t/cmd", b"ping") and b"ping" in heard, 10,
+                   "the subscription")
+        box.start()
+        idle(box)
+
+        def announce() -> None:
+            with app_lock:
+                fail.set()
+                box.state("bike/1/mode/report", {"mode": "resistance"})
+
+        announcer = threading.Thread(target=announce, name="announcer", daemon=True)
+        announcer.start()
+        assert sending.wait(10)  # inside the write, holding app_lock
+        app.publish("t/cmd", b"command")
+        announcer.join(10)
+        assert not announcer.is_alive(), "deadlock: the publisher never returned"
+        wait_until(lambda: b"command" in heard, 10, "the callback to get the lock")
+        # The loop thread met the failed connection itself, and reconnected.
+        wait_until(lambda: app.publish("t/cmd", b"after") and b"after" in heard, 20,
+                   "commands after the reconnect")
+    finally:
+        box.close()
+        app.disconnect()
+        app.loop_stop()
+        client.disconnect()
+        loop.join(10)
+
+
+def test_an_acknowledgement_from_before_a_reconnect_never_passes_for_a_new_message(
+        broker, watched) -> None:
+    # connected() forgets what was unacknowledged; an acknowledgement arriving after
+    # that (a message handed over just before) must be forgotten too. Kept as "early",
+    # it would mark the message that gets the same mid after the counter wraps as
+    # acknowledged: drain() would then return before the broker has it.
+    client, box = watched
+    idle(box)
+    acked = threading.Event()
+    box.state("bike/1/status", "online")  # handed over at once, on this thread
+    box.connected()
+    online_mid = client._paho()._last_mid
+    forward = box.acknowledged
+
+    def acknowledged(mid: int, reason_code: object = None) -> None:
+        forward(mid, reason_code)
+        if mid == online_mid:
+            acked.set()
+
+    client.on_publish = lambda mid, rc: acknowledged(mid, rc)  # type: ignore[method-assign]
+    box.acknowledged = acknowledged  # type: ignore[method-assign]
+    assert acked.wait(10) or online_mid not in box._unacked
+    idle(box)
+    client._paho()._last_mid = online_mid - 1  # the next message gets online's mid
+    with frozen(broker):
+        box.state("bike/1/fan/report", {"value": 7.0})
+        assert box.pending() == 1, "a message the broker has not acknowledged is not pending"

@@ -572,6 +572,9 @@ class SerialBoard(Board):
                     self.write(rest)
                 except HardwareError as exc:
                     done(str(exc))
+                except Exception as exc:  # a bug must not leave the bike waiting forever
+                    log.exception("serial board %s: writing %r failed", self.name, rest[:40])
+                    done(f"{type(exc).__name__}: {exc}")
                 else:
                     done(None)
             return write
