@@ -44,7 +44,8 @@ from smartbiked.topics import Command
 
 log = logging.getLogger("smartbiked.bike")
 
-#: The thread wakes at least this often, so its heartbeat proves it is alive.
+#: The thread wakes at least this often (seconds), so its heartbeat proves it is alive;
+#: the service sets :attr:`Bike.max_sleep` from the systemd watchdog's period.
 MAX_SLEEP = 1.0
 #: At start, how long to wait for every board's first word (connected or not).
 START_WAIT = 5.0
@@ -143,6 +144,9 @@ class Bike:
         self.outbox = outbox
         self.clock = clock
         self.heartbeat = clock()
+        #: The longest the thread sleeps with nothing due: only its heartbeat needs it
+        #: awake, so the watchdog's needs decide (every wake costs an idle bike CPU).
+        self.max_sleep = MAX_SLEEP
         self.drivers: dict[str, Driver] = {}
         self.failed: dict[str, str] = {}  # topic -> why its driver did not start
         #: Running totals (see COUNTERS); read them with counters_snapshot().
@@ -306,7 +310,7 @@ class Bike:
                 release_wakes()
                 return False
             self.heartbeat = self.clock()
-            wait = min(self._scheduler.run_due(), self._next_due(), MAX_SLEEP, left)
+            wait = min(self._scheduler.run_due(), self._next_due(), self.max_sleep, left)
             release_wakes()  # the boards handed writes this pass, now that this thread waits
             self._fill(wait, hold)
             for _ in range(MAX_BATCH):

@@ -87,6 +87,17 @@ def _quick_ack(sock: Any) -> None:
         pass  # not a TCP socket (TLS wrappers pass it through; websockets, unix do not)
 
 
+def loop_timeout(keepalive: float) -> float:
+    """Seconds the network loop may wait for traffic, for a connection's ``keepalive``.
+
+    Every pass also checks the keep-alive: a quarter of it keeps pings well inside the
+    broker's 1.5 keep-alives. No more than 5 s (the watchdog's view of the loop), no
+    less than paho's 1 s: an idle bike wakes for nothing in between (each wake costs
+    CPU on a Pi that idles for hours).
+    """
+    return max(1.0, min(5.0, keepalive / 4))
+
+
 def _set_reconnect_delay(client: mqtt.Client, delay: float) -> None:
     """Make paho wait ``delay`` seconds before each reconnect attempt (no back-off)."""
     # paho annotates the delays as int, but only adds them to monotonic() and compares
@@ -425,7 +436,8 @@ class MQTTClient:
 
     def loop_forever(self) -> None:
         """Run the network loop in this thread until :meth:`disconnect`; reconnects as needed."""
-        self._paho().loop_forever(retry_first_connection=True)
+        self._paho().loop_forever(timeout=loop_timeout(self.keepalive),
+                                  retry_first_connection=True)
 
     def loop_start(self) -> None:
         """Run the network loop in a background thread."""

@@ -69,6 +69,9 @@ ONLINE, OFFLINE, LOST = "online", "offline", "lost"
 #: for a watchdog ping. It wakes every second; acknowledgement waits happen on the
 #: boards' own threads, so only a stuck hardware thread withholds the ping.
 HARDWARE_STALE = 3.0
+#: Without a systemd watchdog nobody reads the hardware thread's heartbeat: it sleeps
+#: up to this long when nothing is due.
+IDLE_SLEEP = 60.0
 #: The health message goes out on a change, but at most this often (seconds)...
 HEALTH_MIN_INTERVAL = 2.0
 #: ...and at least this often, so its uptime and counters stay current.
@@ -361,9 +364,12 @@ class Service:
     def _watchdog(self) -> None:
         period = watchdog_period()
         if period is None:
+            self.bike.max_sleep = IDLE_SLEEP
             return
         mqtt_stale = self.config.broker.reconnect_max + 15.0  # a slow connect attempt included
         hardware_stale = max(HARDWARE_STALE, period)
+        # Three heartbeats per stale period: a busy machine may delay one.
+        self.bike.max_sleep = hardware_stale / 3
         complained = False
         while not self._stopped.wait(period):
             healthy = (self.bike.alive(hardware_stale)

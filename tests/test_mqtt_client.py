@@ -244,3 +244,10 @@ def test_received_messages_carry_topic_payload_qos_retain_and_properties(broker,
     finally:
         client.disconnect()
         loop.join(10)
+
+
+@pytest.mark.parametrize(("keepalive", "timeout"), [(5, 1.25), (30, 5.0), (60, 5.0), (2, 1.0)])
+def test_the_loop_waits_a_quarter_keepalive_at_most_5_s(keepalive: int, timeout: float) -> None:
+    # An idle bike's network loop wakes every few seconds, not every second, yet pings
+    # stay well inside the broker's 1.5 keep-alives.
+    assert mqtt_client.loop_timeout(keepalive) == timeout

@@ -22,7 +22,7 @@ from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from smartbiked import config as configuration
 from smartbiked.hardware import Hardware
-from smartbiked.service import Service
+from smartbiked.service import IDLE_SLEEP, Service
 from tests.conftest import NotifySocket, Probe, bike_config, wait_until
 
 #: systemd's WatchdogSec, in microseconds: the daemon then pings every 0.1 s.
@@ -185,3 +185,28 @@ def test_pings_stop_while_the_mqtt_loop_is_stalled_and_resume_after(
     online(probe, after=stalled)
     probe.publish("bike/000001/fan/control", "30")
     probe.json("bike/000001/fan/report", lambda d: d["value"] == 30.0, after=mark, timeout=20)
+
+
+def test_an_idle_bike_keeps_the_pings_coming_on_its_heartbeat_alone(
+        broker, probe, serve, notify):
+    # The hardware thread sleeps as long as the watchdog allows (an idle Pi wakes for
+    # nothing); past the stale limit with nothing to do, its heartbeat must still come.
+    service = serve(bike_config(broker, FAN))
+    online(probe)
+    assert service.bike.max_sleep <= HARDWARE_GRACE / 2
+    start = time.monotonic()
+    wait_until(lambda: time.monotonic() - start > HARDWARE_GRACE + 1.0, 10,
+               "the stale limit to pass")
+    notify.wait_for("WATCHDOG=1", timeout=SILENCE, after=len(notify.lines))
+
+
+def test_without_a_watchdog_the_hardware_thread_sleeps_until_something_is_due(
+        broker, probe, serve, monkeypatch):
+    monkeypatch.delenv("WATCHDOG_USEC")
+    service = serve(bike_config(broker, FAN))
+    online(probe)
+    wait_until(lambda: service.bike.max_sleep == IDLE_SLEEP, 10, "the long sleep")
+    # Asleep, it still answers at once.
+    mark = len(probe.messages)
+    probe.publish("bike/000001/fan/control", "30")
+    assert probe.json("bike/000001/fan/report", after=mark)["value"] == 30.0
