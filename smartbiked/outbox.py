@@ -174,7 +174,7 @@ class Outbox:
             if now is None:
                 self._notify()
         if now is not None:
-            self._send_direct(now)
+            self._send(now, direct=True)
 
     def send(self, topic: str, payload: Any, kind: str,
              properties: Properties | None = None) -> None:
@@ -201,7 +201,7 @@ class Outbox:
             if now is None:
                 self._notify()
         if now is not None:
-            self._send_direct(now)
+            self._send(now, direct=True)
 
     def _take_direct(self) -> _Message | None:
         """With the lock held: the message just queued, taken for its producer to hand to
@@ -214,24 +214,23 @@ class Outbox:
             self._direct = True
         return msg
 
-    def _send_direct(self, msg: _Message) -> None:
+    def _send(self, msg: _Message, direct: bool) -> None:
+        """Hand a taken message to paho (never with the lock held), then account for it."""
         try:
             self._publish(msg)
         except Exception:
             log.exception("publishing on %.60r failed", msg.topic)
         finally:
             with self._lock:
-                self._handed()
-                self._direct = False
-                if self._line or self._draining:
-                    self._notify()  # queued meanwhile: the sending thread's now
-
-    def _handed(self) -> None:
-        # With the lock held: a publish is done. With none under way, no acknowledgement
-        # can be early any more.
-        self._in_hand -= 1
-        if not self._in_hand:
-            self._early_acks.clear()
+                self._in_hand -= 1
+                if not self._in_hand:
+                    self._early_acks.clear()  # no publish under way: none can be early
+                if direct:
+                    self._direct = False
+                    if self._line or self._draining:
+                        self._notify()  # queued meanwhile: the sending thread's now
+                else:
+                    self._notify()
 
     def _make(self, topic: str, payload: Any, retain: bool, properties: Properties | None,
               kind: str) -> _Message | None:
@@ -353,14 +352,7 @@ class Outbox:
             msg = self._next()
             if msg is None:
                 return
-            try:
-                self._publish(msg)
-            except Exception:
-                log.exception("publishing on %.60r failed", msg.topic)
-            finally:
-                with self._lock:
-                    self._handed()
-                    self._notify()
+            self._send(msg, direct=False)
 
     def _next(self) -> _Message | None:
         """Block until a message may be sent; None once closed."""
