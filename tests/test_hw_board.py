@@ -23,6 +23,7 @@ from smartbiked import config as configuration
 from smartbiked.errors import ConfigError
 from smartbiked.fakeboard import FakeBoard
 from smartbiked.hardware import base
+from smartbiked.hardware import serial as serial_module
 from smartbiked.hardware.base import Hardware
 from smartbiked.hardware.gpio import GpioPulseSensor
 from smartbiked.hardware.serial import SerialActuator, SerialBoard, SerialSensor
@@ -348,3 +349,36 @@ def test_a_write_that_fails_unexpectedly_still_answers_the_command(
     gate.set()
     value, error = outcomes.get(timeout=5)
     assert value is None and error is not None and "Input/output error" in error
+
+
+def test_a_port_is_not_closed_under_a_write_on_the_callers_thread(
+        fake: FakeBoard, hardware: Hardware, closing: list[Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The hardware thread writes to the port's descriptor itself; were the board's
+    # thread to close the port meanwhile (a lost board), the number could be reused by
+    # another file before the write lands. Closing waits for the write.
+    board, listener = started(hardware, closing, str(fake.path))
+    assert listener.connection.get(timeout=5) == (True, None)
+    inside, finish = threading.Event(), threading.Event()
+    real_write = serial_module.os.write
+
+    def slow_write(fd: int, data: bytes) -> int:
+        if threading.current_thread().name == "writer":  # os.write is everybody's
+            inside.set()
+            assert finish.wait(10)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(serial_module.os, "write", slow_write)
+    writer = threading.Thread(target=board.send, args=(b"fan=1\n", lambda error: None),
+                              name="writer")
+    writer.start()
+    assert inside.wait(5)
+    closer = threading.Thread(target=board._drop_port)
+    closer.start()
+    # A wait for something that must not happen: half a second is the window.
+    closer.join(0.5)
+    assert closer.is_alive(), "the port was closed while a write to it was under way"
+    finish.set()
+    writer.join(5)
+    closer.join(5)
+    assert not board.connected
