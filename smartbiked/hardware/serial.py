@@ -429,7 +429,7 @@ class SerialBoard(Board):
         lines: list[str] = []
         try:
             for _ in range(_MAX_CHUNKS):
-                data = port.read(_CHUNK)
+                data = self._read_chunk(port)
                 if not data:
                     break
                 lines.extend(self._split(data))
@@ -439,6 +439,21 @@ class SerialBoard(Board):
             self._lost(exc)
             raise HardwareError(f"serial board {self.name}: {self.url} failed: {exc}") from exc
         return lines
+
+    @staticmethod
+    def _read_chunk(port: serial.SerialBase) -> bytes:
+        """What the port holds now, at most one chunk (b"" if nothing); raises on failure."""
+        if type(port) is _NATIVE_PORT:
+            # Straight from the descriptor (O_NONBLOCK): pyserial's read() costs two
+            # select() calls more per line. Nothing read is either "nothing yet" or a
+            # device gone; pyserial's read() tells which.
+            try:
+                data = os.read(port.fileno(), _CHUNK)
+            except BlockingIOError:
+                return b""
+            if data:
+                return data
+        return port.read(_CHUNK)
 
     def _split(self, data: bytes) -> list[str]:
         # readline() would hand back half a line on timeout: keep the tail ourselves.
