@@ -335,6 +335,11 @@ def test_a_publisher_holding_a_lock_a_callback_needs_survives_a_failed_write(bro
         client.subscribe("t/cmd")
         wait_until(lambda: app.publish("t/cmd", b"ping") and b"ping" in heard, 10,
                    "the subscription")
+        # Every ping handled: the loop thread is in no callback (there paho would leave
+        # the announcer's packet to the loop thread, and the scene below never happens).
+        app.publish("t/cmd", b"last ping")
+        wait_until(lambda: b"last ping" in heard and not paho._in_callback_mutex.locked(),
+                   10, "the pings to be handled")
         box.start()
         idle(box)
 

@@ -91,7 +91,9 @@ def test_a_burst_of_sighups_is_one_or_two_reloads(broker, probe, run_daemon):
         daemon.signal(signal.SIGHUP)
     assert reload(daemon).returncode == 0  # returns after a reload that began after the burst
     reloads = daemon.notify.lines.count("RELOADING=1")
-    assert 1 <= reloads <= 3, f"{reloads} reloads for a burst of 50 SIGHUPs and one more"
+    # Without coalescing this is one reload per signal. A loaded machine may spread the
+    # burst over a few reloads (each takes whatever was queued when it began).
+    assert 1 <= reloads <= 5, f"{reloads} reloads for a burst of 50 SIGHUPs and one more"
     set_fan(broker, probe, 41.0)
 
 
