@@ -48,6 +48,17 @@ class MqttPath:
         return None
 
 
+async def expect_the_rides_notifications(next_value) -> None:
+    """The three notifications of the ride these tests set up (28.8 km/h, 90 RPM,
+    resistance 10, 210 W, 131 BPM, 3 crank revolutions), via ``await next_value(uuid)``."""
+    data = ftms.decode_indoor_bike_data(await next_value(ftms.INDOOR_BIKE_DATA))
+    assert data == ftms.IndoorBikeData(speed=28.8, cadence=90.0, resistance=10.0,
+                                       power=210.0, heart_rate=131.0)
+    power = ftms.decode_cycling_power(await next_value(ftms.CP_MEASUREMENT))
+    assert (power.power, power.crank_revs, power.crank_time) == (210.0, 3, 2048)
+    assert ftms.decode_heart_rate(await next_value(ftms.HR_MEASUREMENT)).bpm == 131
+
+
 def answer(cp, peer, hex_bytes):
     return cp.write(peer, bytes.fromhex(hex_bytes))
 
@@ -309,12 +320,7 @@ def test_an_app_finds_rides_and_controls_the_bike_over_the_virtual_link():
             state.reading(topic, value)
         state.crank_event(3, at=2.0)
         await trainer.notify()
-        data = ftms.decode_indoor_bike_data(await app.next(ftms.INDOOR_BIKE_DATA))
-        assert data == ftms.IndoorBikeData(speed=28.8, cadence=90.0, resistance=10.0,
-                                           power=210.0, heart_rate=131.0)
-        power = ftms.decode_cycling_power(await app.next(ftms.CP_MEASUREMENT))
-        assert (power.power, power.crank_revs, power.crank_time) == (210.0, 3, 2048)
-        assert ftms.decode_heart_rate(await app.next(ftms.HR_MEASUREMENT)).bpm == 131
+        await expect_the_rides_notifications(app.next)
 
         # A write before indications are enabled: CCCD improperly configured.
         with pytest.raises(att.ATT_Error) as refused:

@@ -459,13 +459,19 @@ def test_in_erg_the_actuators_own_reports_do_not_reset_the_loop(idle):
     assert idle.trainer.resistance == 35.0
 
 
+def tilting_ride(sim_settings, **settings: object) -> Ride:
+    """A rider at 200 W on a frame that may tilt, level, one second in."""
+    rider = BrakeRider(3, gears=GEARS)
+    rider.push(200)
+    ride = Ride(rider, replace(sim_settings, **settings), tilt=True)
+    ride.trainer.reading("incline", 0.0)
+    ride.run(1)
+    return ride
+
+
 def test_grade_tilts_the_incline_only_when_configured(sim_settings):
     def tilted(**settings: object) -> Ride:
-        rider = BrakeRider(3, gears=GEARS)
-        rider.push(200)
-        ride = Ride(rider, replace(sim_settings, **settings), tilt=True)
-        ride.trainer.reading("incline", 0.0)
-        ride.run(1)
+        ride = tilting_ride(sim_settings, **settings)
         ride.command("grade", 8)
         ride.run(30)
         return ride
@@ -485,11 +491,7 @@ def test_grade_tilts_the_incline_only_when_configured(sim_settings):
 
 def test_a_grade_that_may_not_tilt_never_tilts(sim_settings):
     """A Bluetooth app's grade without [ble] incline: the road, never the frame."""
-    rider = BrakeRider(3, gears=GEARS)
-    rider.push(200)
-    ride = Ride(rider, replace(sim_settings, incline_follows_grade=True), tilt=True)
-    ride.trainer.reading("incline", 0.0)
-    ride.run(1)
+    ride = tilting_ride(sim_settings, incline_follows_grade=True)
     assert ride.trainer.command(Command("grade", 8.0), tilt=False) is None
     ride.run(20)
     assert ride.trainer.mode == "sim" and ride.submitted  # simulating: the brake moves
@@ -520,11 +522,7 @@ def test_a_brake_at_its_end_stop_does_not_wind_the_correction_up(erg_settings):
 
 
 def test_target_power_stops_the_grade_tilting_the_frame(sim_settings):
-    rider = BrakeRider(3, gears=GEARS)
-    rider.push(200)
-    ride = Ride(rider, replace(sim_settings, incline_follows_grade=True), tilt=True)
-    ride.trainer.reading("incline", 0.0)
-    ride.run(1)
+    ride = tilting_ride(sim_settings, incline_follows_grade=True)
     ride.command("grade", 8)
     ride.run(3)
     tilted = list(ride.inclines)
